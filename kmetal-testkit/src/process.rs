@@ -1,0 +1,231 @@
+//! Finding server binaries and supervising server processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Why a server process could not be found, started or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessError {
+    /// The binary is not installed.
+    #[error("`{binary}` not found: install Debian's `{package}` (apt-get install {package})")]
+    MissingBinary {
+        /// Binary name.
+        binary: &'static str,
+        /// Debian package that ships it.
+        package: &'static str,
+    },
+    /// Spawning failed.
+    #[error("cannot start {binary}")]
+    Spawn {
+        /// Binary path.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setup command ran but failed.
+    #[error("{command} failed ({status}): {output}")]
+    CommandFailed {
+        /// The command line.
+        command: String,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// Its stderr and stdout.
+        output: String,
+    },
+    /// The server exited or never became ready; the tail of its log is attached.
+    #[error("{what} did not become ready: {log_tail}")]
+    NotReady {
+        /// Which server.
+        what: String,
+        /// Last lines of its log.
+        log_tail: String,
+    },
+    /// Filesystem work in the temporary directory failed.
+    #[error("i/o in {}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Looks `binary` up on `PATH`, then in `extra_dirs`.
+pub fn find_binary(
+    binary: &'static str,
+    package: &'static str,
+    extra_dirs: &[PathBuf],
+) -> Result<PathBuf, ProcessError> {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .iter()
+        .chain(extra_dirs)
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .ok_or(ProcessError::MissingBinary { binary, package })
+}
+
+/// How a supervised child is launched.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Run as this user (by name) when we are root; PostgreSQL refuses to run as root.
+    pub user: Option<String>,
+}
+
+/// Whether this process runs as root (checked through /proc to stay free of `unsafe`).
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Builds a command that dies with this process (via `setpriv --pdeathsig KILL` when
+/// available) and optionally switches user.
+pub fn command(binary: &Path, launch: &Launch) -> Command {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    let switch_user = launch.user.as_ref().filter(|_| running_as_root());
+    if setpriv.is_file() {
+        let mut c = Command::new(setpriv);
+        if let Some(u) = switch_user {
+            c.args([
+                format!("--reuid={u}"),
+                format!("--regid={u}"),
+                "--init-groups".into(),
+            ]);
+        }
+        c.args(["--pdeathsig", "KILL"]).arg(binary);
+        c
+    } else if let Some(u) = switch_user {
+        let mut c = Command::new("runuser");
+        c.args(["-u", u, "--"]).arg(binary);
+        c
+    } else {
+        Command::new(binary)
+    }
+}
+
+/// Runs a setup command to completion, turning failure into [`ProcessError::CommandFailed`].
+pub fn run(mut cmd: Command) -> Result<(), ProcessError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| ProcessError::Spawn {
+            binary: PathBuf::from(cmd.get_program()),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ProcessError::CommandFailed {
+            command: shown,
+            status: out.status,
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            ),
+        })
+    }
+}
+
+/// A running server process, killed when dropped. Its output goes to a log file.
+#[derive(Debug)]
+pub struct Supervised {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Supervised {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Result<Self, ProcessError> {
+        let io_err = |source| ProcessError::Io {
+            path: log.to_owned(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io_err)?;
+        let file2 = file.try_clone().map_err(io_err)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file2)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                binary: PathBuf::from(cmd.get_program()),
+                source,
+            })?;
+        Ok(Self {
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; kills it after that.
+    pub fn wait_or_kill(&mut self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        if let Some(c) = &mut self.child {
+            while std::time::Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+
+    /// The last `lines` lines of the log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+}
+
+/// The last `lines` lines of a log file.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

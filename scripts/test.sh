@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole kmetal test suite, from a fresh machine: installs the real servers the tests start
+# (etcd, PostgreSQL 15) and protoc when missing, then checks formatting, lints and runs every
+# test, real-server tests included. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+pg_bindir=$(pg_config --bindir 2>/dev/null || true)
+if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
