@@ -99,7 +99,7 @@ async fn tls_with_rbac_requires_credentials() {
         .with_tls(
             etcd_client::TlsOptions::new()
                 .ca_certificate(etcd_client::Certificate::from_pem(
-                    cluster.ca_pem().expect("ca").to_owned(),
+                    cluster.ca_pem().expect("ca"),
                 ))
                 .domain_name("localhost"),
         );
