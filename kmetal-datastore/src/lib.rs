@@ -1,14 +1,23 @@
-//! The tenant datastore: an async `Datastore` trait with etcd's semantics, and its drivers.
+//! The tenant datastore: an async [`Datastore`] trait with etcd's semantics, and its drivers.
 //!
 //! # Layout
-//! Filled in by the datastore issues; the module map it grows into:
-//! - `model`: keys, key-values, revisions, range / put / delete / txn requests and responses.
-//! - `error`: typed errors mirroring etcd's (too large, too many ops, compacted, ...).
-//! - `memory`: the in-process reference model every other driver is checked against.
-//! - `etcd`: dedicated and shared (per-tenant prefix + RBAC) modes over `etcd-client`.
-//! - `sql`: the kine-style revision log on PostgreSQL and SQLite.
-//! - `provision`: creating and removing a tenant's slice, per driver.
-//! - `snapshot`: per-tenant backup, restore and cross-driver migration.
-//! - `gateway`: etcd's v3 gRPC API served over any driver.
+//! - [`model`]: keys, key ranges, revisions; range / put / delete / txn / watch / lease
+//!   requests and responses; etcd's [`Limits`](model::Limits).
+//! - [`error`]: [`DatastoreError`], typed errors mirroring etcd's (too large, too many ops,
+//!   compacted, future revision, lease not found, permission denied, quota, unavailable).
+//! - [`store`]: the [`Datastore`] trait and [`WatchStream`].
+//! - [`memory`]: [`MemoryStore`], the in-process reference model every driver is checked
+//!   against.
 //!
-//! Nothing is exported yet: no driver ships until it passes the conformance suite.
+//! Still to come (see the open issues): the etcd driver (dedicated and shared with RBAC), the
+//! kine-style SQL log on PostgreSQL and SQLite, provisioning, snapshots and migration, and the
+//! etcd v3 gateway.
+
+pub mod error;
+pub mod memory;
+pub mod model;
+pub mod store;
+
+pub use error::{DatastoreError, Result};
+pub use memory::MemoryStore;
+pub use store::{Datastore, WatchStream};
