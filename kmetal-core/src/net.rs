@@ -56,16 +56,13 @@ fn from_bits(bits: u128, v4: bool) -> IpAddr {
 }
 
 fn mask(prefix: u8, width: u8) -> u128 {
-    if prefix == 0 {
-        0
+    let all: u128 = if width == 32 {
+        u128::from(u32::MAX)
     } else {
-        let all: u128 = if width == 32 {
-            u128::from(u32::MAX)
-        } else {
-            u128::MAX
-        };
-        all & !(all >> prefix)
-    }
+        u128::MAX
+    };
+    // A full-width prefix shifts by the type's width, which would overflow.
+    all & !all.checked_shr(u32::from(prefix)).unwrap_or(0)
 }
 
 impl Cidr {
@@ -269,6 +266,17 @@ mod tests {
         assert_eq!(v6.nth(10).unwrap().to_string(), "fd00:10:96::a");
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert_eq!(all.size(), 1 << 32);
+        let host6: Cidr = "fd00::1/128".parse().unwrap();
+        assert!(host6.contains("fd00::1".parse().unwrap()));
+        assert_eq!(host6.size(), 1);
+        let host4: Cidr = "192.0.2.7/32".parse().unwrap();
+        assert_eq!(host4.nth(0).unwrap().to_string(), "192.0.2.7");
+        assert!(
+            "::/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("::1".parse().unwrap())
+        );
         let p: Cidr = "10.244.0.0/16".parse().unwrap();
         assert!(!c.overlaps(&p));
         assert!(c.overlaps(&"10.0.0.0/8".parse().unwrap()));

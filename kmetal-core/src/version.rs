@@ -115,7 +115,7 @@ impl KubernetesVersion {
             std::cmp::Ordering::Equal => UpgradeStep::None,
             std::cmp::Ordering::Greater => UpgradeStep::Downgrade,
             std::cmp::Ordering::Less => {
-                if to.major != self.major || to.minor > self.minor + 1 {
+                if to.major != self.major || to.minor > self.minor.saturating_add(1) {
                     UpgradeStep::Skip
                 } else {
                     UpgradeStep::Allowed
@@ -141,5 +141,8 @@ mod tests {
         assert!(rc < rel);
         assert_eq!(a.upgrade_to(&rc), UpgradeStep::Allowed);
         assert_eq!(a.upgrade_to(&a), UpgradeStep::None);
+        let huge: KubernetesVersion = format!("v1.{}.0", u64::MAX).parse().unwrap();
+        assert_eq!(huge.upgrade_to(&huge), UpgradeStep::None);
+        assert_eq!(a.upgrade_to(&huge), UpgradeStep::Skip);
     }
 }

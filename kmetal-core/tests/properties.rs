@@ -225,6 +225,12 @@ fn shaped_value() -> impl Strategy<Value = Value> {
         "[ -~]{0,16}".prop_map(Value::from),
         Just(Value::from("10.96.0.0/16")),
         Just(Value::from("v1.30.0")),
+        // Edge cases that once panicked or sit on boundaries.
+        Just(Value::from("fd00::1/128")),
+        Just(Value::from("::/0")),
+        Just(Value::from("192.0.2.7/32")),
+        Just(Value::from(format!("v1.{}.0", u64::MAX))),
+        Just(Value::from(65536)),
     ];
     let tree = leaf.prop_recursive(5, 64, 6, move |inner| {
         prop_oneof![

@@ -107,6 +107,13 @@ impl Default for MemoryStore {
     }
 }
 
+/// `now + ttl` seconds, saturating far in the future instead of overflowing.
+fn deadline(ttl: i64) -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(ttl.unsigned_abs()))
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 fn entry_size(key: &[u8], value: &[u8]) -> u64 {
     (key.len() + value.len()) as u64 + ENTRY_OVERHEAD
 }
@@ -662,7 +669,7 @@ impl Datastore for MemoryStore {
             id,
             Lease {
                 granted_ttl: ttl,
-                deadline: Instant::now() + Duration::from_secs(ttl.unsigned_abs()),
+                deadline: deadline(ttl),
                 keys: BTreeSet::new(),
             },
         );
@@ -679,7 +686,7 @@ impl Datastore for MemoryStore {
             .leases
             .get_mut(&id)
             .ok_or(DatastoreError::LeaseNotFound { id })?;
-        l.deadline = Instant::now() + Duration::from_secs(l.granted_ttl.unsigned_abs());
+        l.deadline = deadline(l.granted_ttl);
         Ok(l.granted_ttl)
     }
 
