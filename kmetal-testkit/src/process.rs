@@ -229,3 +229,38 @@ impl Drop for Supervised {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_names_the_package() {
+        let err = find_binary("kmetal-no-such-server", "kmetal-no-such-package", &[])
+            .expect_err("must not be found");
+        assert_eq!(
+            err.to_string(),
+            "`kmetal-no-such-server` not found: install Debian's `kmetal-no-such-package` \
+             (apt-get install kmetal-no-such-package)"
+        );
+    }
+
+    #[test]
+    fn supervised_child_is_killed_on_drop() {
+        let sleep = find_binary("sleep", "coreutils", &[]).expect("sleep");
+        let log = std::env::temp_dir().join(format!("kmetal-sup-{}.log", std::process::id()));
+        let mut cmd = command(&sleep, &Launch::default());
+        cmd.arg("600");
+        let mut child = Supervised::spawn(cmd, &log).expect("spawn");
+        assert!(child.is_running());
+        let pid = child.pid().expect("pid");
+        drop(child);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "child must be gone after drop"
+        );
+        let _ = std::fs::remove_file(log);
+    }
+}
