@@ -588,7 +588,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Checks a request's size and, for txns, its operation counts.
+    /// Checks a put: non-empty key and request size.
     pub fn check_put(&self, req: &PutRequest) -> crate::Result<()> {
         self.check_size(req.key.len() + req.value.len() + 16, &req.key)
     }
