@@ -82,9 +82,19 @@ pub enum DatastoreError {
         quota: u64,
     },
     /// The datastore cannot serve the request now (no quorum, connection lost, timeout).
+    /// Retrying later may succeed; a write that failed this way may or may not have been
+    /// applied.
     #[error("datastore unavailable")]
     Unavailable {
         /// What went wrong underneath.
+        #[source]
+        source: Cause,
+    },
+    /// The backend refused the request for a reason etcd has no error kind for (a server
+    /// fault, a malformed response); retrying will not help.
+    #[error("datastore backend failed")]
+    Backend {
+        /// The backend's error.
         #[source]
         source: Cause,
     },

@@ -8,16 +8,24 @@
 //! - [`store`]: the [`Datastore`] trait and [`WatchStream`].
 //! - [`memory`]: [`MemoryStore`], the in-process reference model every driver is checked
 //!   against.
+//! - [`etcd`] (feature `etcd`, default): [`EtcdStore`](etcd::EtcdStore) over a dedicated
+//!   cluster or a tenant's `/<schema>/` of a shared one, and
+//!   [`EtcdProvisioner`](etcd::EtcdProvisioner) (user + role with RBAC per tenant).
+//! - [`provision`]: the [`Provisioner`] trait, [`TenantSlice`](provision::TenantSlice) and
+//!   name checks shared by every driver.
 //!
-//! Still to come (see the open issues): the etcd driver (dedicated and shared with RBAC), the
-//! kine-style SQL log on PostgreSQL and SQLite, provisioning, snapshots and migration, and the
-//! etcd v3 gateway.
+//! Still to come (see the open issues): the kine-style SQL log on PostgreSQL and SQLite,
+//! snapshots and migration, and the etcd v3 gateway.
 
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
 pub mod model;
+pub mod provision;
 pub mod store;
 
 pub use error::{DatastoreError, Result};
 pub use memory::MemoryStore;
+pub use provision::Provisioner;
 pub use store::{Datastore, WatchStream};

@@ -13,7 +13,9 @@
 //!   (hang or reset) and byte counters.
 //! - [`tls`]: a throwaway CA issuing server and client certificates for tests.
 //! - [`ports`]: free loopback ports.
+//! - [`conformance`]: the datastore conformance suite, run against every driver.
 
+pub mod conformance;
 pub mod etcd;
 pub mod ports;
 pub mod postgres;

@@ -1,0 +1,348 @@
+//! [`EtcdProvisioner`]: a user and a role per tenant, READWRITE on exactly the tenant's range.
+
+use async_trait::async_trait;
+use etcd_client::{Client, Permission, UserAddOptions};
+
+use super::config::{EtcdConfig, EtcdTls, Keyspace};
+use super::{RequestTimeout, connect_client, errors};
+use crate::error::DatastoreError;
+use crate::model::KeyRange;
+use crate::provision::{ProvisionError, Provisioner, SliceAuth, TenantSlice};
+
+/// Whether the provisioner turns on etcd's auth.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthBootstrap {
+    /// Auth is managed elsewhere; connect with the configured admin credentials as they are.
+    Existing,
+    /// On a cluster without auth, create `root` (with this password, granted the root role)
+    /// and enable auth; on a cluster that has it, log in as `root` with this password (or by
+    /// the client certificate, whose CN must then be `root`).
+    EnableWithRoot {
+        /// root's password.
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for AuthBootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Existing => f.write_str("Existing"),
+            Self::EnableWithRoot { .. } => f.write_str("EnableWithRoot { password: <redacted> }"),
+        }
+    }
+}
+
+/// What the tenant's api-server needs to reach its slice.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdCredentials {
+    /// Client URLs.
+    pub endpoints: Vec<String>,
+    /// CA of the servers, when they serve TLS.
+    pub ca_pem: Option<String>,
+    /// The keyspace to open.
+    pub keyspace: Keyspace,
+    /// The etcd user.
+    pub user: String,
+    /// Its password (`None` for client-certificate users).
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for EtcdCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCredentials")
+            .field("endpoints", &self.endpoints)
+            .field("keyspace", &self.keyspace)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdCredentials {
+    /// Connection settings for the tenant; `identity` is its client certificate and key (PEM),
+    /// required for certificate users and optional otherwise.
+    pub fn config(&self, identity: Option<(String, String)>) -> EtcdConfig {
+        let mut c = EtcdConfig::new(self.endpoints.clone());
+        if let Some(ca) = &self.ca_pem {
+            c = c.with_tls(EtcdTls {
+                ca_pem: ca.clone(),
+                identity,
+                domain: None,
+            });
+        }
+        if let Some(p) = &self.password {
+            c = c.with_password(self.user.clone(), p.clone());
+        }
+        c
+    }
+}
+
+/// Creates tenant slices on an etcd cluster, shared (one prefix per tenant) or dedicated (the
+/// tenant's user may use every key).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use kmetal_datastore::etcd::{AuthBootstrap, EtcdConfig, EtcdProvisioner};
+/// use kmetal_datastore::provision::{Provisioner, TenantSlice};
+/// let admin = EtcdConfig::new(["http://127.0.0.1:2379"]).with_password("root", "rootpw");
+/// let bootstrap = AuthBootstrap::EnableWithRoot { password: "rootpw".into() };
+/// let p = EtcdProvisioner::shared(admin, bootstrap).await?;
+/// let creds = p.provision(&TenantSlice::with_password("default_t1", "default_t1", "pw")).await?;
+/// assert_eq!(creds.user, "default_t1");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EtcdProvisioner {
+    admin: Client,
+    config: EtcdConfig,
+    dedicated: bool,
+}
+
+impl std::fmt::Debug for EtcdProvisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdProvisioner")
+            .field("endpoints", &self.config.endpoints)
+            .field("dedicated", &self.dedicated)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The step names reported in [`ProvisionError::Step`].
+mod step {
+    pub const CONNECT: &str = "connect as admin";
+    pub const ENABLE_AUTH: &str = "enable auth";
+    pub const ADD_ROLE: &str = "create role";
+    pub const GRANT: &str = "grant permission";
+    pub const ADD_USER: &str = "create user";
+    pub const PASSWORD: &str = "set password";
+    pub const BIND: &str = "grant role to user";
+    pub const DELETE_KEYS: &str = "delete keys";
+    pub const DELETE_USER: &str = "delete user";
+    pub const DELETE_ROLE: &str = "delete role";
+}
+
+impl EtcdProvisioner {
+    /// A provisioner for a shared cluster: each tenant gets `/<schema>/`.
+    pub async fn shared(
+        admin: EtcdConfig,
+        bootstrap: AuthBootstrap,
+    ) -> Result<Self, ProvisionError> {
+        Self::connect(admin, bootstrap, false).await
+    }
+
+    /// A provisioner for dedicated clusters: the tenant's user may use every key.
+    pub async fn dedicated(
+        admin: EtcdConfig,
+        bootstrap: AuthBootstrap,
+    ) -> Result<Self, ProvisionError> {
+        Self::connect(admin, bootstrap, true).await
+    }
+
+    async fn connect(
+        mut config: EtcdConfig,
+        bootstrap: AuthBootstrap,
+        dedicated: bool,
+    ) -> Result<Self, ProvisionError> {
+        let fail = |source| ProvisionError::Step {
+            step: step::CONNECT,
+            source,
+        };
+        let admin = match bootstrap {
+            AuthBootstrap::Existing => connect_client(&config, true).await.map_err(fail)?,
+            AuthBootstrap::EnableWithRoot { password } => {
+                let certificate_root = config.tls.as_ref().is_some_and(|t| t.identity.is_some());
+                if !certificate_root {
+                    config = config.with_password("root", password.clone());
+                }
+                match connect_client(&config, true).await {
+                    Ok(c) if certificate_root => {
+                        enable_auth(&mut c.clone(), &password).await?;
+                        c
+                    }
+                    Ok(c) => c,
+                    // Authenticating fails while auth is off: bootstrap it, then log in.
+                    Err(DatastoreError::PermissionDenied { .. })
+                    | Err(DatastoreError::Backend { .. }) => {
+                        let mut open = connect_client(&config, false).await.map_err(fail)?;
+                        enable_auth(&mut open, &password).await?;
+                        connect_client(&config, true).await.map_err(fail)?
+                    }
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+        };
+        Ok(Self {
+            admin,
+            config,
+            dedicated,
+        })
+    }
+
+    fn keyspace(&self, slice: &TenantSlice) -> Result<Keyspace, ProvisionError> {
+        if self.dedicated {
+            Ok(Keyspace::Dedicated)
+        } else {
+            Keyspace::shared(slice.schema.clone()).map_err(ProvisionError::InvalidSchema)
+        }
+    }
+
+    /// Runs an admin call under the request deadline; `tolerated` names the server message
+    /// that means "already done".
+    async fn admin<T>(
+        &self,
+        step: &'static str,
+        tolerated: Option<&str>,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<(), ProvisionError> {
+        match tokio::time::timeout(self.config.request_timeout, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                if tolerated.is_some_and(|t| s.message().contains(t)) =>
+            {
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ProvisionError::Step {
+                step,
+                source: admin_error(e),
+            }),
+            Err(_) => Err(ProvisionError::Step {
+                step,
+                source: DatastoreError::unavailable(RequestTimeout {
+                    op: step,
+                    after: self.config.request_timeout,
+                }),
+            }),
+        }
+    }
+}
+
+fn admin_error(e: etcd_client::Error) -> DatastoreError {
+    match errors::simple(errors::classify(&e), e) {
+        Ok(d) => d,
+        Err(e) => DatastoreError::Backend {
+            source: Box::new(e),
+        },
+    }
+}
+
+async fn enable_auth(c: &mut Client, password: &str) -> Result<(), ProvisionError> {
+    let step = |step, e: etcd_client::Error| ProvisionError::Step {
+        step,
+        source: admin_error(e),
+    };
+    let tolerate = |r: Result<(), etcd_client::Error>, msg: &str| match r {
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains(msg) => Ok(()),
+        other => other,
+    };
+    tolerate(
+        c.user_add("root", password, None).await.map(drop),
+        "user name already exists",
+    )
+    .map_err(|e| step(step::ADD_USER, e))?;
+    tolerate(
+        c.user_grant_role("root", "root").await.map(drop),
+        "role is already granted",
+    )
+    .map_err(|e| step(step::BIND, e))?;
+    c.auth_enable()
+        .await
+        .map_err(|e| step(step::ENABLE_AUTH, e))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Provisioner for EtcdProvisioner {
+    type Credentials = EtcdCredentials;
+
+    async fn provision(&self, slice: &TenantSlice) -> Result<EtcdCredentials, ProvisionError> {
+        slice.check()?;
+        let keyspace = self.keyspace(slice)?;
+        let range = keyspace.owned_range();
+        let mut c = self.admin.clone();
+        let role = slice.user.clone();
+        self.admin(
+            step::ADD_ROLE,
+            Some("role name already exists"),
+            c.role_add(role.clone()),
+        )
+        .await?;
+        let mut c = self.admin.clone();
+        let perm =
+            Permission::read_write(range.key.to_vec()).with_range_end(range.range_end.to_vec());
+        self.admin(
+            step::GRANT,
+            None,
+            c.role_grant_permission(role.clone(), perm),
+        )
+        .await?;
+        let (password, options) = match &slice.auth {
+            SliceAuth::Password(p) => (Some(p.clone()), None),
+            // A certificate user has no password anyone could guess.
+            SliceAuth::ClientCertificate => (None, Some(UserAddOptions::new().with_no_pwd())),
+        };
+        let mut c = self.admin.clone();
+        self.admin(
+            step::ADD_USER,
+            Some("user name already exists"),
+            c.user_add(
+                slice.user.clone(),
+                password.clone().unwrap_or_default(),
+                options,
+            ),
+        )
+        .await?;
+        if let Some(p) = &password {
+            // Re-provisioning sets the password of this call, so the credentials returned
+            // always work.
+            let mut c = self.admin.clone();
+            self.admin(
+                step::PASSWORD,
+                None,
+                c.user_change_password(slice.user.clone(), p.clone()),
+            )
+            .await?;
+        }
+        let mut c = self.admin.clone();
+        self.admin(
+            step::BIND,
+            Some("role is already granted"),
+            c.user_grant_role(slice.user.clone(), role),
+        )
+        .await?;
+        Ok(EtcdCredentials {
+            endpoints: self.config.endpoints.clone(),
+            ca_pem: self.config.tls.as_ref().map(|t| t.ca_pem.clone()),
+            keyspace,
+            user: slice.user.clone(),
+            password,
+        })
+    }
+
+    async fn deprovision(&self, slice: &TenantSlice) -> Result<(), ProvisionError> {
+        slice.check()?;
+        let range: KeyRange = self.keyspace(slice)?.owned_range();
+        let mut c = self.admin.clone();
+        let opts = etcd_client::DeleteOptions::new().with_range(range.range_end.to_vec());
+        self.admin(
+            step::DELETE_KEYS,
+            None,
+            c.delete(range.key.to_vec(), Some(opts)),
+        )
+        .await?;
+        let mut c = self.admin.clone();
+        self.admin(
+            step::DELETE_USER,
+            Some("user name not found"),
+            c.user_delete(slice.user.clone()),
+        )
+        .await?;
+        let mut c = self.admin.clone();
+        self.admin(
+            step::DELETE_ROLE,
+            Some("role name not found"),
+            c.role_delete(slice.user.clone()),
+        )
+        .await?;
+        Ok(())
+    }
+}

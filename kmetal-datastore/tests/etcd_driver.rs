@@ -1,0 +1,394 @@
+//! The etcd driver on real etcd: the conformance suite in dedicated and shared-with-auth modes,
+//! tenant isolation by RBAC (password and client-certificate users), and provisioning.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions, WatchOptions};
+use kmetal_datastore::etcd::{
+    AuthBootstrap, EtcdConfig, EtcdCredentials, EtcdProvisioner, EtcdStore, EtcdTls, Keyspace,
+};
+use kmetal_datastore::model::{DeleteRangeRequest, PutRequest, RangeRequest, WatchRequest};
+use kmetal_datastore::provision::{ProvisionError, Provisioner, TenantSlice};
+use kmetal_datastore::{Datastore, DatastoreError};
+use kmetal_testkit::tls::Pem;
+use kmetal_testkit::{EtcdCluster, EtcdOptions};
+
+const ROOT_PASSWORD: &str = "kmetal-test-root";
+
+fn config(c: &EtcdCluster, identity: Option<Pem>) -> EtcdConfig {
+    let mut cfg = EtcdConfig::new(c.endpoints()).with_request_timeout(Duration::from_secs(10));
+    if let Some(ca) = c.ca_pem() {
+        cfg = cfg.with_tls(EtcdTls {
+            ca_pem: ca.to_string(),
+            identity: identity.map(|p| (p.cert, p.key)),
+            domain: Some("localhost".into()),
+        });
+    }
+    cfg
+}
+
+async fn shared_provisioner(c: &EtcdCluster) -> EtcdProvisioner {
+    let root = c.client_cert("root").unwrap();
+    let admin = config(c, root);
+    let bootstrap = AuthBootstrap::EnableWithRoot {
+        password: ROOT_PASSWORD.into(),
+    };
+    EtcdProvisioner::shared(admin, bootstrap).await.unwrap()
+}
+
+async fn tenant(creds: &EtcdCredentials, identity: Option<Pem>) -> EtcdStore {
+    let cfg = creds
+        .config(identity.map(|p| (p.cert, p.key)))
+        .with_request_timeout(Duration::from_secs(10));
+    let cfg = match cfg.tls.clone() {
+        Some(mut t) => {
+            t.domain = Some("localhost".into());
+            cfg.with_tls(t)
+        }
+        None => cfg,
+    };
+    EtcdStore::connect(cfg, creds.keyspace.clone())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn dedicated_etcd_conforms() {
+    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let cfg = config(&cluster, None);
+    let root = cluster.client().await.unwrap();
+    kmetal_testkit::conformance::run("etcd-dedicated", || {
+        let cfg = cfg.clone();
+        let mut root = root.clone();
+        async move {
+            // A fresh store is an empty keyspace with no leases; revisions go on rising.
+            root.delete(vec![0], Some(DeleteOptions::new().with_from_key()))
+                .await
+                .unwrap();
+            for l in root.leases().await.unwrap().leases() {
+                let _ = root.lease_revoke(l.id()).await;
+            }
+            Arc::new(EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap())
+                as Arc<dyn Datastore>
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shared_etcd_with_auth_conforms() {
+    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let provisioner = shared_provisioner(&cluster).await;
+    let n = AtomicUsize::new(0);
+    kmetal_testkit::conformance::run("etcd-shared-auth", || {
+        let slice = TenantSlice::with_password(
+            format!("tenant{}", n.fetch_add(1, Ordering::Relaxed)),
+            format!("user{}", n.load(Ordering::Relaxed)),
+            "tenant-password",
+        );
+        let provisioner = provisioner.clone();
+        async move {
+            let creds = provisioner.provision(&slice).await.unwrap();
+            Arc::new(tenant(&creds, None).await) as Arc<dyn Datastore>
+        }
+    })
+    .await;
+}
+
+/// Tenant `/a/` and tenant `/aa/`: neither sees, changes or watches the other, through the
+/// driver or with a raw client holding its credentials.
+#[tokio::test]
+async fn tenants_are_isolated_by_rbac() {
+    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let p = shared_provisioner(&cluster).await;
+    let a = p
+        .provision(&TenantSlice::with_password("a", "user-a", "pw-a"))
+        .await
+        .unwrap();
+    let aa = p
+        .provision(&TenantSlice::with_password("aa", "user-aa", "pw-aa"))
+        .await
+        .unwrap();
+    let store_a = tenant(&a, None).await;
+    let store_aa = tenant(&aa, None).await;
+    store_a
+        .put(PutRequest::new("/registry/k", "a"))
+        .await
+        .unwrap();
+    store_aa
+        .put(PutRequest::new("/registry/k", "aa"))
+        .await
+        .unwrap();
+    store_aa
+        .put(PutRequest::new("/registry/only-aa", "aa"))
+        .await
+        .unwrap();
+
+    // Through the driver, each tenant's whole keyspace holds only its own keys.
+    let all_a = store_a.range(RangeRequest::prefix("")).await.unwrap();
+    assert_eq!(all_a.count, 1);
+    assert_eq!(all_a.kvs[0].value, "a");
+    let gone = store_a
+        .delete_range(DeleteRangeRequest::prefix(""))
+        .await
+        .unwrap();
+    assert_eq!(gone.deleted, 1);
+    assert_eq!(
+        store_aa
+            .range(RangeRequest::prefix(""))
+            .await
+            .unwrap()
+            .count,
+        2,
+        "deleting all of /a/ leaves /aa/ alone"
+    );
+
+    // A's credentials on B's keyspace: refused at connect, and on every operation.
+    let mut a_on_aa = a.config(None);
+    a_on_aa.request_timeout = Duration::from_secs(10);
+    let err = EtcdStore::connect(a_on_aa, aa.keyspace.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+
+    // A raw client with A's password, bypassing the driver's prefixing.
+    let opts = ConnectOptions::new().with_user("user-a", "pw-a");
+    let mut raw = Client::connect(cluster.endpoints(), Some(opts))
+        .await
+        .unwrap();
+    let denied = |r: Result<(), etcd_client::Error>| match r {
+        Err(etcd_client::Error::GRpcStatus(s)) => {
+            assert!(s.message().contains("permission denied"), "{s:?}")
+        }
+        other => panic!("expected permission denied, got {other:?}"),
+    };
+    denied(raw.get("/aa/registry/k", None).await.map(drop));
+    // `/a` without its slash would cover `/aa/`: the range exceeds A's permission.
+    denied(
+        raw.get("/a", Some(GetOptions::new().with_prefix()))
+            .await
+            .map(drop),
+    );
+    denied(raw.put("/aa/registry/k", "evil", None).await.map(drop));
+    denied(raw.delete("/aa/registry/k", None).await.map(drop));
+    let mut w = raw
+        .watch("/aa/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let mut cancelled = false;
+    while let Ok(Ok(Some(resp))) = tokio::time::timeout(Duration::from_secs(5), w.message()).await {
+        if resp.canceled() {
+            assert!(resp.cancel_reason().contains("permission denied"));
+            cancelled = true;
+            break;
+        }
+        assert!(resp.events().is_empty(), "nothing of /aa/ may leak");
+    }
+    assert!(cancelled, "etcd cancels a watch outside the tenant's range");
+    // B's data is untouched.
+    let b = store_aa
+        .range(RangeRequest::get("/registry/k"))
+        .await
+        .unwrap();
+    assert_eq!(b.kvs[0].value, "aa");
+    // A lease's key list shows only the caller's keys.
+    let lease = store_aa.lease_grant(60, 0).await.unwrap();
+    store_aa
+        .put(PutRequest::new("/leased", "x").with_lease(lease.id))
+        .await
+        .unwrap();
+    let seen_by_a = store_a.lease_time_to_live(lease.id, true).await.unwrap();
+    assert!(seen_by_a.keys.is_empty());
+}
+
+/// A tenant whose slice is deprovisioned while its store is open gets typed permission errors
+/// on every operation, and a watch ends with one; a tenant user cannot use the raw keyspace.
+#[tokio::test]
+async fn revoked_tenant_gets_permission_errors() {
+    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let p = shared_provisioner(&cluster).await;
+    let slice = TenantSlice::with_password("ta", "ua", "pa");
+    let a = p.provision(&slice).await.unwrap();
+    let cfg = a.config(None).with_request_timeout(Duration::from_secs(10));
+    let err = EtcdStore::connect(cfg, Keyspace::Dedicated)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+
+    let store_a = tenant(&a, None).await;
+    store_a.put(PutRequest::new("/k", "v")).await.unwrap();
+    let mut w = store_a.watch(WatchRequest::prefix("", 0)).await.unwrap();
+    p.deprovision(&slice).await.unwrap();
+    let denied = |r: Result<(), DatastoreError>| {
+        assert!(
+            matches!(r, Err(DatastoreError::PermissionDenied { .. })),
+            "{r:?}"
+        )
+    };
+    denied(store_a.put(PutRequest::new("/k", "v2")).await.map(drop));
+    denied(store_a.range(RangeRequest::get("/k")).await.map(drop));
+    denied(
+        store_a
+            .delete_range(DeleteRangeRequest::key("/k"))
+            .await
+            .map(drop),
+    );
+    denied(store_a.watch(WatchRequest::prefix("", 0)).await.map(drop));
+    // The open watch sees its own keys deleted by deprovisioning, then either ends with an
+    // error or stays silent; nothing else reaches it.
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(3), w.next()).await {
+        match item {
+            Ok(batch) => {
+                assert!(
+                    batch.events.iter().all(|e| e.kv.key == "/k"
+                        && e.kind == kmetal_datastore::model::EventKind::Delete),
+                    "unexpected events after revocation: {batch:?}"
+                )
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e,
+                        DatastoreError::PermissionDenied { .. }
+                            | DatastoreError::Unavailable { .. }
+                    ),
+                    "{e:?}"
+                );
+                break;
+            }
+        }
+    }
+}
+
+/// Re-provisioning changes the password in place; deprovisioning removes keys, user and role,
+/// and both are idempotent.
+#[tokio::test]
+async fn provisioning_is_idempotent_and_complete() {
+    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let p = shared_provisioner(&cluster).await;
+    let first = TenantSlice::with_password("prov", "prov-user", "one");
+    let creds = p.provision(&first).await.unwrap();
+    tenant(&creds, None)
+        .await
+        .put(PutRequest::new("/k", "v"))
+        .await
+        .unwrap();
+    let second = TenantSlice::with_password("prov", "prov-user", "two");
+    let creds2 = p.provision(&second).await.unwrap();
+    assert_eq!(creds2.password.as_deref(), Some("two"));
+    let err = EtcdStore::connect(creds.config(None), creds.keyspace.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+    let store = tenant(&creds2, None).await;
+    assert_eq!(store.range(RangeRequest::get("/k")).await.unwrap().count, 1);
+
+    p.deprovision(&second).await.unwrap();
+    p.deprovision(&second).await.unwrap();
+    let mut root = Client::connect(
+        cluster.endpoints(),
+        Some(ConnectOptions::new().with_user("root", ROOT_PASSWORD)),
+    )
+    .await
+    .unwrap();
+    let left = root
+        .get(
+            "/prov/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "the tenant's keys are gone");
+    let users = root.user_list().await.unwrap();
+    assert!(!users.users().iter().any(|u| u == "prov-user"));
+    let roles = root.role_list().await.unwrap();
+    assert!(!roles.roles().iter().any(|r| r == "prov-user"));
+    let err = EtcdStore::connect(creds2.config(None), creds2.keyspace.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+
+    // Names that could escape the prefix are refused before anything is created.
+    let bad = TenantSlice::with_password("x/..", "u", "p");
+    assert!(matches!(
+        p.provision(&bad).await,
+        Err(ProvisionError::InvalidSchema(_))
+    ));
+}
+
+/// On a TLS cluster, tenants authenticate by client-certificate CN; another tenant's
+/// certificate is refused on this tenant's keys.
+#[tokio::test]
+async fn client_certificate_tenants_are_isolated() {
+    let cluster = EtcdCluster::start(EtcdOptions {
+        tls: true,
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    let p = shared_provisioner(&cluster).await;
+    let a = p
+        .provision(&TenantSlice::with_client_certificate("cert_a", "cert-a"))
+        .await
+        .unwrap();
+    let b = p
+        .provision(&TenantSlice::with_client_certificate("cert_b", "cert-b"))
+        .await
+        .unwrap();
+    assert!(a.password.is_none());
+    let store_a = tenant(&a, cluster.client_cert("cert-a").unwrap()).await;
+    store_a.put(PutRequest::new("/x", "a")).await.unwrap();
+    let store_b = tenant(&b, cluster.client_cert("cert-b").unwrap()).await;
+    assert_eq!(
+        store_b.range(RangeRequest::prefix("")).await.unwrap().count,
+        0
+    );
+    // B's certificate on A's keyspace.
+    let cfg = a
+        .config(
+            cluster
+                .client_cert("cert-b")
+                .unwrap()
+                .map(|p| (p.cert, p.key)),
+        )
+        .with_request_timeout(Duration::from_secs(10));
+    let mut tls = cfg.tls.clone().unwrap();
+    tls.domain = Some("localhost".into());
+    let err = EtcdStore::connect(cfg.with_tls(tls), a.keyspace.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+    // A certificate from a CA etcd does not trust is refused by TLS itself.
+    let stranger = kmetal_testkit::tls::TestCa::new("stranger").unwrap();
+    let cfg = a
+        .config(Some({
+            let p = stranger.client("cert-a").unwrap();
+            (p.cert, p.key)
+        }))
+        .with_request_timeout(Duration::from_secs(3));
+    let mut tls = cfg.tls.clone().unwrap();
+    tls.domain = Some("localhost".into());
+    let err = EtcdStore::connect(cfg.with_tls(tls), a.keyspace.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DatastoreError::Unavailable { .. }), "{err:?}");
+}
