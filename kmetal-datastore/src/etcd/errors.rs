@@ -99,6 +99,23 @@ pub(crate) fn classify(e: &etcd_client::Error) -> Kind {
     }
 }
 
+/// Whether etcd cannot have received the request: no connection was made, or a member without
+/// a leader refused it before proposing it. Such a request is safe to repeat even if it writes.
+pub(crate) fn not_sent(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s) => {
+            let m = s.message();
+            m.contains("tcp connect error")
+                || m.contains("error trying to connect")
+                || m.contains("Connection refused")
+                || m.ends_with("etcdserver: no leader")
+        }
+        E::TransportError(_) => true,
+        _ => false,
+    }
+}
+
 /// The error for kinds that need no further detail; `None` for those that do.
 pub(crate) fn simple(
     kind: Kind,
@@ -155,5 +172,14 @@ mod tests {
             Kind::TooLarge
         );
         assert_eq!(classify(&status(Code::Internal, "boom")), Kind::Backend);
+        assert!(not_sent(&status(Code::Unavailable, "tcp connect error")));
+        assert!(not_sent(&status(
+            Code::Unavailable,
+            "etcdserver: no leader"
+        )));
+        assert!(!not_sent(&status(
+            Code::Unavailable,
+            "etcdserver: request timed out"
+        )));
     }
 }

@@ -44,6 +44,15 @@ use crate::store::{Datastore, WatchStream};
 use config::Prefixer;
 use errors::Kind;
 
+/// Which failed attempts may be repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// The request only reads: repeat it on any unavailability.
+    Reads,
+    /// The request writes: repeat it only if etcd cannot have received it.
+    NotSent,
+}
+
 /// What a failed request was about, to fill in the error's details.
 #[derive(Debug, Clone, Copy, Default)]
 struct Ctx {
@@ -116,20 +125,44 @@ impl EtcdStore {
         &self.client
     }
 
-    /// Runs `fut` under the request deadline, classifying failures.
-    async fn run<T>(
+    /// Runs the call `make` builds under the request deadline, classifying failures.
+    ///
+    /// Failed attempts are repeated within the deadline when that is safe: reads (`retry` is
+    /// [`Retry::Reads`]) on any unavailability, and every request when etcd cannot have seen
+    /// it (no connection, or a member without a leader refused it).
+    async fn run<T, F, Fut>(
         &self,
         op: &'static str,
         ctx: Ctx,
-        fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.config.request_timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.fail(e, ctx).await),
-            Err(_) => Err(DatastoreError::unavailable(RequestTimeout {
-                op,
-                after: self.config.request_timeout,
-            })),
+        retry: Retry,
+        mut make: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match tokio::time::timeout_at(deadline, make()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let again = errors::classify(&e) == Kind::Unavailable
+                        && (retry == Retry::Reads || errors::not_sent(&e))
+                        && tokio::time::Instant::now() + backoff < deadline;
+                    if !again {
+                        return Err(self.fail(e, ctx).await);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(_) => {
+                    return Err(DatastoreError::unavailable(RequestTimeout {
+                        op,
+                        after: self.config.request_timeout,
+                    }));
+                }
+            }
         }
     }
 
@@ -226,6 +259,12 @@ impl EtcdStore {
             .ok()?
             .ok()?;
         u64::try_from(r.db_size()).ok()
+    }
+
+    fn kv_client(&self) -> etcd_client::KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     fn kv(&self, kv: PbKeyValue) -> KeyValue {
@@ -439,15 +478,17 @@ impl Datastore for EtcdStore {
             return Err(DatastoreError::EmptyKey);
         }
         let (key, opts) = self.get_options(&req);
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let ctx = Ctx {
             revision: req.revision,
             ..Ctx::default()
         };
-        let r = self.run("range", ctx, kv.get(key, Some(opts))).await?;
+        let r = self
+            .run("range", ctx, Retry::Reads, || {
+                let mut kv = self.kv_client();
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .await?;
         Ok(self.range_response(r.0, 0))
     }
 
@@ -459,8 +500,14 @@ impl Datastore for EtcdStore {
             ..Ctx::default()
         };
         let (k, v, o) = self.put_parts(&req);
-        let mut kv = self.client.kv_client();
-        let r = self.run("put", ctx, kv.put(k, v, Some(o))).await?.0;
+        let r = self
+            .run("put", ctx, Retry::NotSent, || {
+                let mut kv = self.kv_client();
+                let (k, v, o) = (k.clone(), v.clone(), o.clone());
+                async move { kv.put(k, v, Some(o)).await }
+            })
+            .await?
+            .0;
         Ok(PutResponse {
             revision: r.header.map_or(0, |h| h.revision),
             prev_kv: r.prev_kv.map(|kv| self.kv(kv)),
@@ -472,12 +519,12 @@ impl Datastore for EtcdStore {
             return Err(DatastoreError::EmptyKey);
         }
         let (k, o) = self.delete_options(&req);
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let r = self
-            .run("delete", Ctx::default(), kv.delete(k, Some(o)))
+            .run("delete", Ctx::default(), Retry::NotSent, || {
+                let mut kv = self.kv_client();
+                let (k, o) = (k.clone(), o.clone());
+                async move { kv.delete(k, Some(o)).await }
+            })
             .await?
             .0;
         Ok(DeleteRangeResponse {
@@ -494,11 +541,19 @@ impl Datastore for EtcdStore {
             lease: first_lease(&req),
             ..Ctx::default()
         };
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        let r = self.run("txn", ctx, kv.txn(self.txn(&req))).await?;
+        let txn = self.txn(&req);
+        let retry = if is_read_only(&req) {
+            Retry::Reads
+        } else {
+            Retry::NotSent
+        };
+        let r = self
+            .run("txn", ctx, retry, || {
+                let mut kv = self.kv_client();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
         self.txn_response(r.0, 0)
     }
 
@@ -507,8 +562,12 @@ impl Datastore for EtcdStore {
             revision,
             ..Ctx::default()
         };
-        let mut kv = self.client.kv_client();
-        let r = self.run("compact", ctx, kv.compact(revision, None)).await?;
+        let r = self
+            .run("compact", ctx, Retry::NotSent, || {
+                let mut kv = self.kv_client();
+                async move { kv.compact(revision, None).await }
+            })
+            .await?;
         self.compacted.fetch_max(revision, Ordering::Relaxed);
         Ok(CompactResponse {
             revision: r.0.header.map_or(0, |h| h.revision),
@@ -561,10 +620,12 @@ impl Datastore for EtcdStore {
             ttl,
             ..Ctx::default()
         };
-        let mut l = self.client.lease_client();
-        let opts = LeaseGrantOptions::new().with_id(id);
         let r = self
-            .run("lease grant", ctx, l.grant(ttl, Some(opts)))
+            .run("lease grant", ctx, Retry::NotSent, || {
+                let mut l = self.client.lease_client();
+                let opts = LeaseGrantOptions::new().with_id(id);
+                async move { l.grant(ttl, Some(opts)).await }
+            })
             .await?;
         Ok(LeaseGrant {
             id: r.id(),
@@ -577,8 +638,12 @@ impl Datastore for EtcdStore {
             lease: id,
             ..Ctx::default()
         };
-        let mut l = self.client.lease_client();
-        let r = self.run("lease revoke", ctx, l.revoke(id)).await?;
+        let r = self
+            .run("lease revoke", ctx, Retry::NotSent, || {
+                let mut l = self.client.lease_client();
+                async move { l.revoke(id).await }
+            })
+            .await?;
         Ok(r.0.header.map_or(0, |h| h.revision))
     }
 
@@ -587,12 +652,15 @@ impl Datastore for EtcdStore {
             lease: id,
             ..Ctx::default()
         };
-        let mut l = self.client.lease_client();
+        // Renewing twice is harmless, so a keep-alive retries like a read.
         let ttl = self
-            .run("lease keep-alive", ctx, async move {
-                let (mut keeper, mut stream) = l.keep_alive(id).await?;
-                keeper.keep_alive().await?;
-                Ok(stream.message().await?.map(|m| m.ttl()))
+            .run("lease keep-alive", ctx, Retry::Reads, || {
+                let mut l = self.client.lease_client();
+                async move {
+                    let (mut keeper, mut stream) = l.keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    Ok(stream.message().await?.map(|m| m.ttl()))
+                }
             })
             .await?;
         match ttl {
@@ -610,10 +678,12 @@ impl Datastore for EtcdStore {
             lease: id,
             ..Ctx::default()
         };
-        let mut l = self.client.lease_client();
-        let opts = keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
         let r = self
-            .run("lease time-to-live", ctx, l.time_to_live(id, opts))
+            .run("lease time-to-live", ctx, Retry::Reads, || {
+                let mut l = self.client.lease_client();
+                let opts = keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
+                async move { l.time_to_live(id, opts).await }
+            })
             .await?;
         if r.ttl() < 0 {
             return Err(DatastoreError::LeaseNotFound { id });
@@ -634,14 +704,22 @@ impl Datastore for EtcdStore {
     }
 
     async fn leases(&self) -> Result<Vec<LeaseId>> {
-        let mut l = self.client.lease_client();
-        let r = self.run("leases", Ctx::default(), l.leases()).await?;
+        let r = self
+            .run("leases", Ctx::default(), Retry::Reads, || {
+                let mut l = self.client.lease_client();
+                async move { l.leases().await }
+            })
+            .await?;
         Ok(r.leases().iter().map(|s| s.id()).collect())
     }
 
     async fn status(&self) -> Result<Status> {
-        let mut m = self.client.maintenance_client();
-        let r = self.run("status", Ctx::default(), m.status()).await?;
+        let r = self
+            .run("status", Ctx::default(), Retry::Reads, || {
+                let mut m = self.client.maintenance_client();
+                async move { m.status().await }
+            })
+            .await?;
         let compact_revision = match self.compact_revision().await {
             Some(c) => c,
             None => {
@@ -656,6 +734,14 @@ impl Datastore for EtcdStore {
             db_size: u64::try_from(r.db_size()).unwrap_or(0),
         })
     }
+}
+
+fn is_read_only(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).all(|op| match op {
+        RequestOp::Range(_) => true,
+        RequestOp::Txn(t) => is_read_only(t),
+        _ => false,
+    })
 }
 
 fn first_lease(t: &TxnRequest) -> LeaseId {
