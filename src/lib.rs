@@ -16,3 +16,8 @@ pub use kmetal_datastore as datastore;
 pub use kmetal_pki as pki;
 pub use kmetal_topology as topology;
 pub use kmetal_tunnel as tunnel;
+
+/// The README's code blocks, compiled as doctests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -28,6 +28,8 @@ use crate::store::{Datastore, WatchStream};
 const ENTRY_OVERHEAD: u64 = 48;
 /// How often the background task looks for expired leases.
 const LEASE_TICK: Duration = Duration::from_millis(100);
+/// etcd's `--experimental-watch-progress-notify-interval` default.
+const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -48,6 +50,10 @@ struct Watcher {
     prev_kv: bool,
     no_put: bool,
     no_delete: bool,
+    /// Send empty batches when idle for `State::progress_interval`.
+    progress: bool,
+    /// When the watcher was last sent anything.
+    last_sent: Instant,
     tx: mpsc::UnboundedSender<Result<WatchBatch>>,
 }
 
@@ -60,6 +66,7 @@ struct State {
     leases: HashMap<LeaseId, Lease>,
     watchers: HashMap<u64, Watcher>,
     next_watch: u64,
+    progress_interval: Duration,
     next_lease: LeaseId,
     db_size: u64,
 }
@@ -130,6 +137,7 @@ impl MemoryStore {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 next_lease: 1,
+                progress_interval: DEFAULT_PROGRESS_INTERVAL,
                 ..State::default()
             }),
             limits,
@@ -140,11 +148,20 @@ impl MemoryStore {
                 loop {
                     tokio::time::sleep(LEASE_TICK).await;
                     let Some(shared) = weak.upgrade() else { return };
-                    lock(&shared).expire(Instant::now());
+                    let mut s = lock(&shared);
+                    s.expire(Instant::now());
+                    s.notify_progress(Instant::now());
                 }
             });
         }
         Self { shared }
+    }
+
+    /// Sets how long a watch asking for progress notifications may stay idle before it gets
+    /// an empty batch with the current revision (etcd's default: 10 minutes).
+    pub fn with_progress_interval(self, interval: Duration) -> Self {
+        lock(&self.shared).progress_interval = interval;
+        self
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -449,6 +466,9 @@ impl State {
                 .map(|e| strip(w, e))
                 .collect();
             w.next_rev = rev + 1;
+            if !batch.is_empty() {
+                w.last_sent = Instant::now();
+            }
             if !batch.is_empty()
                 && w.tx
                     .send(Ok(WatchBatch {
@@ -464,6 +484,21 @@ impl State {
             self.watchers.remove(&id);
         }
         self.log.extend(events.into_iter().map(|e| (rev, e)));
+    }
+
+    /// Sends an empty batch at the current revision to each idle watcher that asked for
+    /// progress notifications.
+    fn notify_progress(&mut self, now: Instant) {
+        let (revision, interval) = (self.revision, self.progress_interval);
+        for w in self.watchers.values_mut() {
+            if w.progress && now.duration_since(w.last_sent) >= interval {
+                w.last_sent = now;
+                let _ = w.tx.send(Ok(WatchBatch {
+                    revision,
+                    events: Vec::new(),
+                }));
+            }
+        }
     }
 
     fn expire(&mut self, now: Instant) {
@@ -613,6 +648,8 @@ impl Datastore for MemoryStore {
             prev_kv: req.prev_kv,
             no_put: req.no_put,
             no_delete: req.no_delete,
+            progress: req.progress_notify,
+            last_sent: Instant::now(),
             tx,
         };
         // Replay history under the same lock that registers the watcher: no gap, no duplicate.

@@ -58,7 +58,12 @@ async fn tenant(creds: &EtcdCredentials, identity: Option<Pem>) -> EtcdStore {
 
 #[tokio::test]
 async fn dedicated_etcd_conforms() {
-    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let cluster = EtcdCluster::start(EtcdOptions {
+        progress_notify_interval: Some(Duration::from_secs(1)),
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
     let cfg = config(&cluster, None);
     let root = cluster.client().await.unwrap();
     kmetal_testkit::conformance::run("etcd-dedicated", || {
@@ -81,7 +86,12 @@ async fn dedicated_etcd_conforms() {
 
 #[tokio::test]
 async fn shared_etcd_with_auth_conforms() {
-    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let cluster = EtcdCluster::start(EtcdOptions {
+        progress_notify_interval: Some(Duration::from_secs(1)),
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
     let provisioner = shared_provisioner(&cluster).await;
     let n = AtomicUsize::new(0);
     kmetal_testkit::conformance::run("etcd-shared-auth", || {
@@ -391,4 +401,21 @@ async fn client_certificate_tenants_are_isolated() {
         .await
         .unwrap_err();
     assert!(matches!(err, DatastoreError::Unavailable { .. }), "{err:?}");
+}
+
+/// A full backend refuses writes with QuotaExceeded (etcd's NOSPACE alarm) and keeps serving
+/// reads.
+#[tokio::test]
+async fn etcd_quota_is_a_typed_error() {
+    let quota = 8 * 1024 * 1024;
+    let cluster = EtcdCluster::start(EtcdOptions {
+        quota_backend_bytes: Some(quota),
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = config(&cluster, None);
+    cfg.limits.quota_backend_bytes = quota;
+    let store = EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap();
+    kmetal_testkit::conformance::quota_exceeded(&store, quota).await;
 }

@@ -9,9 +9,20 @@ use kmetal_datastore::{Datastore, DatastoreError, MemoryStore};
 #[tokio::test]
 async fn memory_driver_conforms() {
     kmetal_testkit::conformance::run("memory", || async {
-        Arc::new(MemoryStore::new()) as Arc<dyn Datastore>
+        Arc::new(MemoryStore::new().with_progress_interval(Duration::from_secs(1)))
+            as Arc<dyn Datastore>
     })
     .await;
+}
+
+#[tokio::test]
+async fn memory_quota_is_enforced() {
+    let quota = 8 * 1024 * 1024;
+    let store = MemoryStore::with_limits(kmetal_datastore::model::Limits {
+        quota_backend_bytes: quota,
+        ..Default::default()
+    });
+    kmetal_testkit::conformance::quota_exceeded(&store, quota).await;
 }
 
 #[tokio::test(start_paused = true)]

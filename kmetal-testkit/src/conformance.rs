@@ -10,7 +10,8 @@
 //! use std::sync::Arc;
 //! use kmetal_datastore::{Datastore, MemoryStore};
 //! kmetal_testkit::conformance::run("memory", || async {
-//!     Arc::new(MemoryStore::new()) as Arc<dyn Datastore>
+//!     let store = MemoryStore::new().with_progress_interval(std::time::Duration::from_secs(1));
+//!     Arc::new(store) as Arc<dyn Datastore>
 //! })
 //! .await;
 //! # }
@@ -51,13 +52,16 @@ const CHECKS: &[(&str, Check)] = checks![
     nested_txn,
     watch_replay_and_resume,
     watch_filters_and_live_events,
+    watch_progress_notify,
     leases,
     lease_expiry,
     limits,
     tenant_prefixes_do_not_leak,
 ];
 
-/// Runs every check against stores made by `fresh`, which must return an empty store each time.
+/// Runs every check against stores made by `fresh`, which must return an empty store each time,
+/// configured to send watch progress notifications after at most 2 s of idleness (etcd:
+/// `--experimental-watch-progress-notify-interval`; memory: `with_progress_interval`).
 pub async fn run<F, Fut>(driver: &str, mut fresh: F)
 where
     F: FnMut() -> Fut,
@@ -72,6 +76,34 @@ where
             "conformance[{driver}]: {name} did not finish in 60 s"
         );
     }
+}
+
+/// A store whose space quota is `quota` bytes refuses writes with `QuotaExceeded` once full,
+/// and still serves reads (run separately: it needs a store built with a small quota).
+pub async fn quota_exceeded(s: &dyn Datastore, quota: u64) {
+    let value = vec![b'q'; 512 * 1024];
+    let most = quota / value.len() as u64 * 4 + 16;
+    let mut written = 0;
+    for i in 0..most {
+        match s
+            .put(PutRequest::new(format!("/q/{i:06}"), value.clone()))
+            .await
+        {
+            Ok(_) => written += 1,
+            Err(DatastoreError::QuotaExceeded { quota: q, .. }) => {
+                assert_eq!(q, quota, "the error names the quota");
+                assert!(written > 0, "the first writes fit");
+                let r = s
+                    .range(RangeRequest::prefix("/q/").count_only())
+                    .await
+                    .unwrap();
+                assert_eq!(r.count, written, "reads still work; nothing half-written");
+                return;
+            }
+            Err(e) => panic!("expected QuotaExceeded, got {e:?}"),
+        }
+    }
+    panic!("{written} writes of 512 KiB never exceeded a {quota}-byte quota");
 }
 
 /// The names of the checks [`run`] runs.
@@ -521,6 +553,34 @@ async fn watch_filters_and_live_events(s: &dyn Datastore) {
         (dels[0].kind, dels[0].kv.key.as_ref()),
         (EventKind::Delete, &b"/f/x"[..])
     );
+}
+
+/// An idle watch that asked for progress learns the current revision from empty batches.
+async fn watch_progress_notify(s: &dyn Datastore) {
+    let mut w = s
+        .watch(WatchRequest {
+            progress_notify: true,
+            ..WatchRequest::prefix("/p/", 0)
+        })
+        .await
+        .unwrap();
+    let elsewhere = s
+        .put(PutRequest::new("/elsewhere", "x"))
+        .await
+        .unwrap()
+        .revision;
+    let batch = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let b = next_batch(&mut w).await;
+            assert!(b.events.is_empty(), "nothing under /p/ changed: {b:?}");
+            if b.revision >= elsewhere {
+                return b;
+            }
+        }
+    })
+    .await
+    .expect("a progress notification within 10 s");
+    assert!(batch.revision >= elsewhere);
 }
 
 async fn leases(s: &dyn Datastore) {

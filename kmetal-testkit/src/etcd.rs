@@ -70,6 +70,8 @@ pub struct EtcdOptions {
     pub election_timeout: Duration,
     /// Backend quota (`--quota-backend-bytes`), etcd's default when `None`.
     pub quota_backend_bytes: Option<u64>,
+    /// Interval of watch progress notifications (etcd's default, 10 minutes, when `None`).
+    pub progress_notify_interval: Option<Duration>,
 }
 
 impl Default for EtcdOptions {
@@ -82,6 +84,7 @@ impl Default for EtcdOptions {
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
             quota_backend_bytes: None,
+            progress_notify_interval: None,
         }
     }
 }
@@ -182,6 +185,12 @@ impl EtcdCluster {
             ];
             if let Some(q) = options.quota_backend_bytes {
                 args.push(format!("--quota-backend-bytes={q}"));
+            }
+            if let Some(p) = options.progress_notify_interval {
+                args.push(format!(
+                    "--experimental-watch-progress-notify-interval={}ms",
+                    p.as_millis()
+                ));
             }
             args.extend(tls_args.iter().cloned());
             let log = dir.path().join(format!("{name}.log"));
