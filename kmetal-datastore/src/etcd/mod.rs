@@ -782,17 +782,7 @@ async fn watch_loop(
         let outcome = watch_once(&store, &req, &mut next, &tx, &mut ready).await;
         let err = match outcome {
             WatchEnd::ConsumerGone => return,
-            WatchEnd::Fatal(e) => {
-                match ready.take() {
-                    Some(r) => {
-                        let _ = r.send(Err(e));
-                    }
-                    None => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-                return;
-            }
+            WatchEnd::Fatal(e) => return report(e, &mut ready, &tx),
             WatchEnd::Broken { error, delivered } => {
                 if delivered {
                     broken_since = None;
@@ -809,19 +799,26 @@ async fn watch_loop(
             store.config.watch_resume_timeout
         };
         if since.elapsed() >= budget {
-            let e = DatastoreError::unavailable(err);
-            match ready.take() {
-                Some(r) => {
-                    let _ = r.send(Err(e));
-                }
-                None => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-            return;
+            return report(DatastoreError::unavailable(err), &mut ready, &tx);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Ends a watch with `e`: to the `watch` call while it waits, else as the stream's last item.
+fn report(
+    e: DatastoreError,
+    ready: &mut Option<Ready>,
+    tx: &mpsc::UnboundedSender<Result<WatchBatch>>,
+) {
+    match ready.take() {
+        Some(r) => {
+            let _ = r.send(Err(e));
+        }
+        None => {
+            let _ = tx.send(Err(e));
+        }
     }
 }
 
