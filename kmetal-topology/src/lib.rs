@@ -1,13 +1,23 @@
-//! Where etcd members and control-plane replicas go so that a zone, site or region can fail.
+//! Where etcd members and control-plane replicas go so that a zone, site or region can fail,
+//! and what that costs in write latency.
 //!
 //! # Layout
-//! Filled in by the topology issue; the module map it grows into:
-//! - `model`: regions ⊃ sites ⊃ zones ⊃ nodes, roles, capacity, the RTT matrix, API exposure.
-//! - `patterns`: recognising the stretched patterns A, B, C and the two-zone trap; rule checks.
-//! - `quorum`: quorum sizes, tolerated domain losses, partitions.
-//! - `raft`: commit latency per leader zone, heartbeat / election recommendations, RTO.
-//! - `availability`: exact quorum probability and correlated Monte Carlo.
-//! - `placement`: placing many tenants under spread, capacity and RTT constraints.
-//! - `simulate`: applying outages and partitions and reporting per tenant.
-//!
-//! Nothing is exported yet.
+//! - [`model`]: regions ⊃ sites ⊃ zones ⊃ nodes, roles, capacity, the RTT matrix, API
+//!   exposure; [`Topology::from_yaml`] with path-named errors.
+//! - [`patterns`]: recognising the stretched patterns A, B, C; rule checks with codes (RTT
+//!   budget, even members, the two-zone trap with its fix, arbiter rules, exposure).
+//! - [`quorum`]: quorum sizes, tolerated domain losses per level, minimal failing sets,
+//!   partitions.
+//! - [`raft`]: commit latency per leader zone, heartbeat / election recommendations, RTO.
+//! - [`availability`]: exact quorum probability (polynomial) and correlated Monte Carlo.
+//! - [`analysis`]: one serialisable report over all of the above.
+
+pub mod analysis;
+pub mod availability;
+pub mod model;
+pub mod patterns;
+pub mod quorum;
+pub mod raft;
+
+pub use analysis::{Analysis, analyze};
+pub use model::{Topology, TopologyError};
