@@ -252,12 +252,12 @@ pub fn monte_carlo(
     let mut api = api_up(&up);
     let mut reported = 0.0;
     loop {
-        let (i, at) = next
-            .iter()
-            .enumerate()
-            .fold((usize::MAX, f64::INFINITY), |best, (i, &at)| {
-                if at < best.1 { (i, at) } else { best }
-            });
+        let (i, at) =
+            next.iter()
+                .enumerate()
+                .fold((usize::MAX, f64::INFINITY), |best, (i, &at)| {
+                    if at < best.1 { (i, at) } else { best }
+                });
         let step_to = at.min(horizon);
         if !api {
             downtime += step_to - now;

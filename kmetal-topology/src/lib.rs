@@ -11,13 +11,19 @@
 //! - [`raft`]: commit latency per leader zone, heartbeat / election recommendations, RTO.
 //! - [`availability`]: exact quorum probability (polynomial) and correlated Monte Carlo.
 //! - [`analysis`]: one serialisable report over all of the above.
+//! - [`placement`]: placing many tenants under spread, anti-affinity, capacity, RTT and
+//!   region/cloud constraints; infeasible tenants name their blocking constraint.
+//! - [`simulate`]: applying outages, partitions or the management plane's loss to a placement
+//!   and reporting per tenant.
 
 pub mod analysis;
 pub mod availability;
 pub mod model;
 pub mod patterns;
+pub mod placement;
 pub mod quorum;
 pub mod raft;
+pub mod simulate;
 
 pub use analysis::{Analysis, analyze};
 pub use model::{Topology, TopologyError};
