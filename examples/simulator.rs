@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kmetal::topology::availability::monte_carlo;
 use kmetal::topology::model::{Resources, Topology};
-use kmetal::topology::placement::{Placement, TenantRequest, place};
+use kmetal::topology::placement::{Placement, TenantRequest, place, place_with_progress};
 use kmetal::topology::simulate::{FailureReport, Outage, simulate};
 use kmetal::topology::{Analysis, analyze};
 
@@ -448,7 +448,7 @@ fn cmd_place(file: &Path, n: Option<usize>, tf: Option<&Path>, seed: u64, format
         Ok(r) => r,
         Err(c) => return c,
     };
-    let p = place(&t, &reqs, seed);
+    let p = place_with_progress(&t, &reqs, seed, &mut progress_bar("placing"));
     print_placement(&t, &p, format);
     u8::from(!p.failed.is_empty())
 }

@@ -83,12 +83,16 @@ pub fn exact(t: &Topology) -> f64 {
     quorum * t.exposure.as_ref().map_or(1.0, |e| e.availability)
 }
 
+/// Most domains [`brute_force`] enumerates (2^24 combinations).
+pub const BRUTE_FORCE_MAX_DOMAINS: usize = 24;
+
 /// The same probability by enumerating every up/down combination of every region, site, zone
-/// and member node: exponential, for checking [`exact`] on small topologies.
-pub fn brute_force(t: &Topology) -> f64 {
+/// and member node: exponential, for checking [`exact`] on small topologies. `None` when
+/// there are more than [`BRUTE_FORCE_MAX_DOMAINS`] domains.
+pub fn brute_force(t: &Topology) -> Option<f64> {
     let total = t.members();
     if total == 0 {
-        return 0.0;
+        return Some(0.0);
     }
     let q = quorum_size(total);
     let member_nodes: Vec<usize> = (0..t.nodes.len())
@@ -101,7 +105,9 @@ pub fn brute_force(t: &Topology) -> f64 {
     probs.extend(member_nodes.iter().map(|&i| t.nodes[i].availability));
     let (nr, ns, nz) = (t.regions.len(), t.sites.len(), t.zones.len());
     let n = probs.len();
-    assert!(n <= 24, "brute force is for small topologies");
+    if n > BRUTE_FORCE_MAX_DOMAINS {
+        return None;
+    }
     let mut sum = 0.0;
     for mask in 0usize..(1 << n) {
         let up = |i: usize| mask & (1 << i) != 0;
@@ -122,7 +128,7 @@ pub fn brute_force(t: &Topology) -> f64 {
             sum += p;
         }
     }
-    sum * t.exposure.as_ref().map_or(1.0, |e| e.availability)
+    Some(sum * t.exposure.as_ref().map_or(1.0, |e| e.availability))
 }
 
 /// A small deterministic generator (SplitMix64): the same seed gives the same simulation.

@@ -232,16 +232,28 @@ impl State<'_> {
     }
 }
 
+fn zone_ok(t: &Topology, z: usize, req: &TenantRequest, region: Option<usize>) -> bool {
+    region.is_none_or(|r| t.region_of(z) == r)
+        && (!req.cloud_only || t.sites[t.zones[z].site].kind == SiteKind::Cloud)
+}
+
 fn eligible(t: &Topology, n: usize, req: &TenantRequest, region: Option<usize>) -> bool {
     let node = &t.nodes[n];
-    node.has(Role::ControlPlane)
-        && !node.has(Role::Arbiter)
-        && region.is_none_or(|r| t.region_of(node.zone) == r)
-        && (!req.cloud_only || t.sites[t.zones[node.zone].site].kind == SiteKind::Cloud)
+    node.has(Role::ControlPlane) && !node.has(Role::Arbiter) && zone_ok(t, node.zone, req, region)
 }
 
 /// Places `tenants` in order; deterministic for `seed`.
 pub fn place(t: &Topology, tenants: &[TenantRequest], seed: u64) -> Placement {
+    place_with_progress(t, tenants, seed, &mut |_| {})
+}
+
+/// [`place`], reporting the fraction of tenants done to `progress` (every 1 %).
+pub fn place_with_progress(
+    t: &Topology,
+    tenants: &[TenantRequest],
+    seed: u64,
+    progress: &mut dyn FnMut(f64),
+) -> Placement {
     let mut st = State {
         t,
         seed,
@@ -258,7 +270,11 @@ pub fn place(t: &Topology, tenants: &[TenantRequest], seed: u64) -> Placement {
     }
     let mut placed = Vec::with_capacity(tenants.len());
     let mut failed = Vec::new();
-    for req in tenants {
+    let step = (tenants.len() / 100).max(1);
+    for (i, req) in tenants.iter().enumerate() {
+        if i % step == 0 {
+            progress(i as f64 / tenants.len() as f64);
+        }
         match place_one(&mut st, req) {
             Ok(p) => placed.push(p),
             Err(blocker) => failed.push(Unplaced {
@@ -268,6 +284,7 @@ pub fn place(t: &Topology, tenants: &[TenantRequest], seed: u64) -> Placement {
             }),
         }
     }
+    progress(1.0);
     Placement {
         placed,
         failed,
@@ -289,13 +306,10 @@ fn place_one(st: &mut State<'_>, req: &TenantRequest) -> Result<TenantPlacement,
         None => None,
     };
     // Zones with at least one eligible node: the domains the spread counts.
+    // Node eligibility beyond the role is per zone, so the candidate zones are the zones with
+    // control-plane nodes that pass the tenant's zone rules.
     let zones: Vec<usize> = (0..t.zones.len())
-        .filter(|&z| {
-            t.nodes
-                .iter()
-                .enumerate()
-                .any(|(n, node)| node.zone == z && eligible(t, n, req, region))
-        })
+        .filter(|&z| !st.by_zone[z].is_empty() && zone_ok(t, z, req, region))
         .collect();
     if zones.is_empty() {
         let mut scope = String::new();
