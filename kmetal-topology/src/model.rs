@@ -413,6 +413,23 @@ fn non_negative(path: String, v: f64) -> Result<f64, TopologyError> {
     }
 }
 
+/// A domain's (availability, MTBF, MTTR) from its fields at `path`, with defaults.
+fn rates(
+    path: &str,
+    availability: Option<f64>,
+    default_availability: f64,
+    mttr: Option<f64>,
+    default_mttr: f64,
+) -> Result<(f64, f64, f64), TopologyError> {
+    let a = probability(
+        format!("{path}.availability"),
+        availability,
+        default_availability,
+    )?;
+    let mttr = non_negative(format!("{path}.mttr_hours"), mttr.unwrap_or(default_mttr))?;
+    Ok((a, mtbf(a, mttr), mttr))
+}
+
 /// MTBF from availability and MTTR: a = MTBF / (MTBF + MTTR).
 fn mtbf(a: f64, mttr: f64) -> f64 {
     if a >= 1.0 {
@@ -497,41 +514,39 @@ impl Topology {
         for (ri, r) in f.regions.iter().enumerate() {
             let rp = format!("regions[{ri}]");
             unique("region", &r.name, format!("{rp}.name"))?;
-            let a = probability(format!("{rp}.availability"), r.availability, 1.0)?;
-            let mttr = non_negative(format!("{rp}.mttr_hours"), r.mttr_hours.unwrap_or(24.0))?;
+            let (availability, mtbf_hours, mttr_hours) =
+                rates(&rp, r.availability, 1.0, r.mttr_hours, 24.0)?;
             t.regions.push(Region {
                 name: r.name.clone(),
-                availability: a,
-                mtbf_hours: mtbf(a, mttr),
-                mttr_hours: mttr,
+                availability,
+                mtbf_hours,
+                mttr_hours,
             });
             for (si, s) in r.sites.iter().enumerate() {
                 let sp = format!("{rp}.sites[{si}]");
                 unique("site", &s.name, format!("{sp}.name"))?;
-                let a = probability(format!("{sp}.availability"), s.availability, 1.0)?;
-                let mttr = non_negative(format!("{sp}.mttr_hours"), s.mttr_hours.unwrap_or(8.0))?;
+                let (availability, mtbf_hours, mttr_hours) =
+                    rates(&sp, s.availability, 1.0, s.mttr_hours, 8.0)?;
                 t.sites.push(Site {
                     name: s.name.clone(),
                     region: ri,
                     kind: s.kind,
-                    availability: a,
-                    mtbf_hours: mtbf(a, mttr),
-                    mttr_hours: mttr,
+                    availability,
+                    mtbf_hours,
+                    mttr_hours,
                 });
                 let site = t.sites.len() - 1;
                 for (zi, z) in s.zones.iter().enumerate() {
                     let zp = format!("{sp}.zones[{zi}]");
                     unique("zone", &z.name, format!("{zp}.name"))?;
-                    let a =
-                        probability(format!("{zp}.availability"), z.availability, zone_default)?;
-                    let mttr =
-                        non_negative(format!("{zp}.mttr_hours"), z.mttr_hours.unwrap_or(4.0))?;
+                    let (availability, mtbf_hours, mttr_hours) =
+                        rates(&zp, z.availability, zone_default, z.mttr_hours, 4.0)?;
                     t.zones.push(Zone {
                         name: z.name.clone(),
                         site,
-                        availability: a,
-                        mtbf_hours: mtbf(a, mttr),
-                        mttr_hours: mttr,
+                        availability,
+                        mtbf_hours,
+                        mttr_hours,
                     });
                     let zone = t.zones.len() - 1;
                     for (ni, n) in z.nodes.iter().enumerate() {
