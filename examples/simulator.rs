@@ -5,6 +5,7 @@
 //! cargo run --example simulator -- analyze FILE [--format text|json] [--svg OUT.svg] [--monte-carlo YEARS]
 //! cargo run --example simulator -- place FILE (--tenants N | --tenants-file F) [--seed S] [--format text|json]
 //! cargo run --example simulator -- fail FILE --domain NAME [--domain NAME ...] [--tenants N] [--format text|json]
+//! cargo run --example simulator -- fail FILE --partition A,B --partition C [--format text|json]
 //! cargo run --example simulator -- patterns
 //! ```
 //! With no arguments: a demo over the bundled topologies in `examples/topologies/`.
@@ -77,8 +78,12 @@ enum Command {
         /// Topology YAML.
         file: PathBuf,
         /// A zone, site or region (repeat), or `management` for the management plane.
-        #[arg(long = "domain", required = true)]
+        #[arg(long = "domain", required_unless_present = "sides")]
         domains: Vec<String>,
+        /// One side of a network partition: comma-separated zones, sites or regions (repeat
+        /// for each side); zones outside the side with quorum are cut off.
+        #[arg(long = "partition", conflicts_with = "domains")]
+        sides: Vec<String>,
         /// Tenants to place first.
         #[arg(long, default_value_t = 30)]
         tenants: usize,
@@ -495,7 +500,14 @@ fn print_failure(r: &FailureReport, format: Format) {
     }
 }
 
-fn cmd_fail(file: &Path, domains: &[String], tenants: usize, seed: u64, format: Format) -> u8 {
+fn cmd_fail(
+    file: &Path,
+    domains: &[String],
+    sides: &[String],
+    tenants: usize,
+    seed: u64,
+    format: Format,
+) -> u8 {
     let t = match load(file) {
         Ok(t) => t,
         Err(c) => return c,
@@ -504,7 +516,14 @@ fn cmd_fail(file: &Path, domains: &[String], tenants: usize, seed: u64, format: 
         .map(|i| TenantRequest::new(format!("tenant-{i:03}"), 3))
         .collect::<Vec<_>>();
     let p = place(&t, &reqs, seed);
-    let outage = if domains.iter().any(|d| d == "management") {
+    let outage = if !sides.is_empty() {
+        Outage::Partition(
+            sides
+                .iter()
+                .map(|s| s.split(',').map(|n| n.trim().to_string()).collect())
+                .collect(),
+        )
+    } else if domains.iter().any(|d| d == "management") {
         Outage::ManagementPlane
     } else {
         Outage::Domains(domains.to_vec())
@@ -584,6 +603,7 @@ fn demo() -> u8 {
     cmd_fail(
         &bundled("two-zone"),
         &["room-1".to_string()],
+        &[],
         10,
         1,
         Format::Text,
@@ -611,10 +631,11 @@ fn main() -> ExitCode {
         Some(Command::Fail {
             file,
             domains,
+            sides,
             tenants,
             seed,
             format,
-        }) => cmd_fail(&file, &domains, tenants, seed, format),
+        }) => cmd_fail(&file, &domains, &sides, tenants, seed, format),
         Some(Command::Patterns) => cmd_patterns(),
     };
     ExitCode::from(code)
