@@ -125,3 +125,24 @@ fn analysis_json_has_the_documented_keys() {
     assert_eq!(v["members_per_zone"]["room-1"], 2);
     assert_eq!(v["violations"][0]["code"], "TWO_ZONE_TRAP");
 }
+
+#[test]
+fn monte_carlo_converges_to_the_exact_availability() {
+    use kmetal_topology::availability::{exact, monte_carlo};
+    for name in ["pattern-b", "two-zone"] {
+        let t = load(name);
+        let mut calls = 0;
+        let mc = monte_carlo(&t, 3000.0, 7, &mut |_| calls += 1);
+        let e = exact(&t);
+        assert!(
+            (mc.availability - e).abs() < 3e-5,
+            "{name}: monte carlo {} vs exact {e}",
+            mc.availability
+        );
+        assert!(calls > 10, "progress is reported");
+        assert_eq!(
+            monte_carlo(&t, 10.0, 7, &mut |_| {}),
+            monte_carlo(&t, 10.0, 7, &mut |_| {})
+        );
+    }
+}
