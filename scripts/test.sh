@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole kmetal test suite, from a fresh machine: installs the real servers the tests start
-# (etcd, PostgreSQL 15) and protoc when missing, then checks formatting, lints and runs every
+# (etcd, PostgreSQL 15), protoc, and the PKI tests' openssl and kubectl when missing, then
+# checks formatting, lints and runs every
 # test, real-server tests included. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 pg_bindir=$(pg_config --bindir 2>/dev/null || true)
 if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
   [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
