@@ -59,7 +59,7 @@ pub fn generate_key(algorithm: Algorithm, file: &str) -> Result<KeyPair, PkiErro
     }
 }
 
-fn to_offset(t: SystemTime) -> OffsetDateTime {
+pub(crate) fn to_offset(t: SystemTime) -> OffsetDateTime {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -68,7 +68,7 @@ fn to_offset(t: SystemTime) -> OffsetDateTime {
 }
 
 /// A random, positive 16-byte serial.
-fn serial() -> SerialNumber {
+pub(crate) fn serial() -> SerialNumber {
     let mut bytes = *uuid::Uuid::new_v4().as_bytes();
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)
@@ -359,6 +359,10 @@ impl Bundle {
     /// Every (path, content) pair, sorted by path.
     pub fn files(&self) -> impl Iterator<Item = (&str, &str)> {
         self.files.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub(crate) fn files_mut(&mut self) -> &mut BTreeMap<String, String> {
+        &mut self.files
     }
 
     /// Builds a bundle from files (as read from disk or a Secret).

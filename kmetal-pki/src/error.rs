@@ -87,6 +87,20 @@ pub enum PkiError {
         /// The CA file.
         ca: String,
     },
+    /// A certificate cannot be renewed.
+    #[error("{name}: cannot be renewed: {reason}")]
+    NotRenewable {
+        /// The name asked for.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A rotation phase was asked for out of order.
+    #[error("CA rotation: {reason}")]
+    Rotation {
+        /// Why.
+        reason: &'static str,
+    },
     /// A CA has expired (nothing it signs can be trusted).
     #[error("{file}: the CA expired at {not_after}")]
     ExpiredCa {

@@ -8,17 +8,21 @@
 //!   kubeadm's layout; generation and kubeconfig rendering/parsing.
 //! - [`store`]: kubeadm's on-disk layout and the Secret-shaped map, with load-time checks
 //!   (key matches certificate, chain to CA, CA not expired).
+//! - [`renew`]: expiry reports and renewal (keeps CN, O, SANs, EKU; re-issues kubeconfigs;
+//!   never `sa.key`).
+//! - [`rotate`]: CA rotation without outage, prepare / finalize, every consumer at once.
 //! - [`error`]: [`PkiError`], naming the file or field that is wrong.
-//!
-//! Still to come (issue 7): expiry reports and renewal, CA rotation in prepare / finalize
-//! phases, RSA-2048 generation, the `pki` example and benchmarks.
 
 pub mod bundle;
 pub mod error;
 pub mod profile;
+pub mod renew;
+pub mod rotate;
 pub mod spec;
 pub mod store;
 
 pub use bundle::Bundle;
 pub use error::PkiError;
+pub use renew::{Expiry, RenewalPolicy};
+pub use rotate::RotationPhase;
 pub use spec::{Algorithm, PkiSpec};

@@ -1,6 +1,6 @@
-//! A real mTLS handshake over loopback: a server presenting tenant A's apiserver certificate
-//! and requiring client certificates from A's CA accepts A's admin.conf credentials and
-//! refuses tenant B's.
+//! Real mTLS handshakes over loopback: a server presenting tenant A's apiserver certificate
+//! and requiring client certificates from A's CA accepts A's admin.conf and refuses tenant
+//! B's; across a CA rotation, old credentials work during the overlap and not after finalize.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -34,12 +34,15 @@ fn roots(pem: &str) -> rustls::RootCertStore {
 
 /// Serves one connection at a time: handshake, then echo one line.
 async fn server(bundle: &Bundle) -> std::net::SocketAddr {
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(bundle.get("pki/ca.crt").unwrap())),
-        provider(),
-    )
-    .build()
-    .unwrap();
+    // The api-server's --client-ca-file is the trust bundle (old + new CA during a rotation).
+    let client_ca = bundle
+        .get("pki/ca-bundle.crt")
+        .or_else(|| bundle.get("pki/ca.crt"))
+        .unwrap();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)), provider())
+            .build()
+            .unwrap();
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -81,6 +84,11 @@ async fn connect(
     kubeconfig: &str,
 ) -> Result<(), String> {
     let kc = parse_kubeconfig("admin.conf", kubeconfig).unwrap();
+    let server_ca = if server_ca.is_empty() {
+        kc.ca_pem.as_str()
+    } else {
+        server_ca
+    };
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -125,4 +133,59 @@ async fn admin_conf_of_the_tenant_passes_and_another_tenants_is_refused() {
     )
     .await;
     assert!(wrong_server.unwrap_err().contains("certificate"));
+}
+
+/// The client trusts what its kubeconfig says (empty `server_ca`).
+async fn connect_as(addr: std::net::SocketAddr, kubeconfig: &str) -> Result<(), String> {
+    connect(addr, "", kubeconfig).await
+}
+
+#[tokio::test]
+async fn ca_rotation_keeps_old_credentials_working_until_finalize() {
+    let mut bundle = Bundle::generate(&PkiSpec::new("ta", "api.ta.example.com:6443")).unwrap();
+    let old_admin = bundle.get("admin.conf").unwrap().to_string();
+    let before = server(&bundle).await;
+    connect_as(before, &old_admin)
+        .await
+        .expect("before the rotation");
+
+    bundle.rotate_prepare(std::time::SystemTime::now()).unwrap();
+    bundle.verify().unwrap();
+    let new_admin = bundle.get("admin.conf").unwrap().to_string();
+    assert_ne!(new_admin, old_admin);
+    let overlap = server(&bundle).await;
+    // Old credentials (old client cert, trusting only the old CA) still work: the server
+    // trusts both CAs and its new certificate chains to the old CA through the cross cert.
+    connect_as(overlap, &old_admin)
+        .await
+        .expect("old admin.conf during the overlap");
+    connect_as(overlap, &new_admin)
+        .await
+        .expect("new admin.conf during the overlap");
+    // Every consumer moved in the same phase: konnectivity and the controllers too.
+    for conf in [
+        "konnectivity-server.conf",
+        "controller-manager.conf",
+        "scheduler.conf",
+    ] {
+        connect_as(overlap, bundle.get(conf).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{conf}: {e}"));
+    }
+
+    bundle.rotate_finalize().unwrap();
+    bundle.verify().unwrap();
+    let after = server(&bundle).await;
+    let refused = connect_as(after, &old_admin).await;
+    assert!(
+        refused.is_err(),
+        "old credentials must be refused after finalize"
+    );
+    connect_as(after, bundle.get("admin.conf").unwrap())
+        .await
+        .expect("new admin.conf after finalize");
+    assert!(
+        bundle.rotate_finalize().is_err(),
+        "finalize twice is refused"
+    );
 }
