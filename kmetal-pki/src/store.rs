@@ -223,8 +223,22 @@ impl Bundle {
         Ok(())
     }
 
-    /// Writes every file under `dir` in kubeadm's layout (keys with mode 0600).
+    /// Writes every file under `dir` in kubeadm's layout (keys and kubeconfigs with mode
+    /// 0600), and removes the rotation files (`*-previous.crt`, `*-cross.crt`) the bundle no
+    /// longer has, so a finalized rotation leaves no old CA on disk.
     pub fn write_dir(&self, dir: &Path) -> Result<(), PkiError> {
+        for p in profile::CAS.iter() {
+            for suffix in ["-previous.crt", "-cross.crt"] {
+                let rel = format!("{}{suffix}", p.path);
+                let full = dir.join(&rel);
+                if self.get(&rel).is_none() && full.is_file() {
+                    std::fs::remove_file(&full).map_err(|source| PkiError::Io {
+                        file: full.display().to_string(),
+                        source,
+                    })?;
+                }
+            }
+        }
         for (path, content) in self.files() {
             let full = dir.join(path);
             let io = |source| PkiError::Io {
