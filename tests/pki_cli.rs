@@ -136,3 +136,43 @@ fn bad_input_exits_2_naming_the_field_or_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("/nonexistent/kmetal"), "{}", text(&out));
 }
+
+#[test]
+fn rsa_2048_bundles_verify_with_openssl() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = tmp.path();
+    let out = pki(&[
+        "init",
+        "--tenant",
+        "r1",
+        "--endpoint",
+        "api.r1.example.com",
+        "--algorithm",
+        "rsa-2048",
+        "--out",
+        dir_arg(d),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let openssl = kmetal_testkit::process::find_binary("openssl", "openssl", &[]).expect("openssl");
+    let info = Command::new(&openssl)
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(d.join("pki/apiserver.crt"))
+        .output()
+        .expect("openssl runs");
+    let t = String::from_utf8_lossy(&info.stdout);
+    assert!(t.contains("rsaEncryption") && t.contains("2048 bit"), "{t}");
+    let verify = Command::new(&openssl)
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(d.join("pki/ca.crt"))
+        .arg(d.join("pki/apiserver.crt"))
+        .output()
+        .expect("openssl runs");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let out = pki(&["renew", "--dir", dir_arg(d), "apiserver"]);
+    assert!(out.status.success(), "renewal keeps RSA: {}", text(&out));
+}

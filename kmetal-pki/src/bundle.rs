@@ -52,11 +52,37 @@ pub fn generate_key(algorithm: Algorithm, file: &str) -> Result<KeyPair, PkiErro
                 }
             })
         }
-        Algorithm::Rsa2048 => Err(PkiError::UnsupportedAlgorithm {
-            algorithm: "rsa-2048",
-            feature: "rsa",
-        }),
+        Algorithm::Rsa2048 => rsa_key(file),
     }
+}
+
+#[cfg(feature = "rsa")]
+fn rsa_key(file: &str) -> Result<KeyPair, PkiError> {
+    use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+    let failed = |what: &str| PkiError::Parse {
+        file: file.to_string(),
+        what: format!("RSA key generation failed: {what}"),
+    };
+    let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+        .map_err(|_| failed("aws-lc refused to generate a key"))?;
+    let der: Pkcs8V1Der<'static> = key
+        .as_der()
+        .map_err(|_| failed("the key cannot be encoded as PKCS#8"))?;
+    let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_ref().to_vec());
+    KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256).map_err(|source| {
+        PkiError::Issue {
+            file: file.to_string(),
+            source,
+        }
+    })
+}
+
+#[cfg(not(feature = "rsa"))]
+fn rsa_key(_file: &str) -> Result<KeyPair, PkiError> {
+    Err(PkiError::UnsupportedAlgorithm {
+        algorithm: "rsa-2048",
+        feature: "rsa",
+    })
 }
 
 pub(crate) fn to_offset(t: SystemTime) -> OffsetDateTime {

@@ -308,3 +308,36 @@ fn shared_datastore_tenants_get_no_etcd_ca() {
     assert!(b.get("pki/datastore-client.crt").is_some());
     b.verify().unwrap();
 }
+
+#[test]
+fn specs_come_from_a_tenant_control_plane() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/manifests/tenant-etcd.yaml"
+    );
+    let docs = kmetal_core::parse_file(std::path::Path::new(path)).unwrap();
+    let tcp = docs
+        .iter()
+        .find_map(|d| match &d.content {
+            kmetal_core::manifest::Content::Object {
+                object: kmetal_core::Object::TenantControlPlane(t),
+                ..
+            } => Some(t.as_ref().clone()),
+            _ => None,
+        })
+        .unwrap();
+    let s = PkiSpec::from_tenant(&tcp).unwrap();
+    let sans = s.apiserver_sans().unwrap();
+    assert!(
+        sans.contains(&"tenant-etcd.k8s.example.com".to_string()),
+        "{sans:?}"
+    );
+    assert!(sans.contains(&"10.96.0.1".to_string()));
+    assert!(s.server_url().ends_with(":6443"));
+    let mut bad = tcp.clone();
+    bad.spec.network_profile.advertise_address = Some("10.0.0.300".into());
+    assert!(matches!(
+        PkiSpec::from_tenant(&bad),
+        Err(PkiError::InvalidIp { field, .. }) if field == "spec.networkProfile.advertiseAddress"
+    ));
+}
