@@ -1,23 +1,12 @@
 //! `examples/operator validate`: samples pass, broken manifests list every problem, exit codes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+
 fn operator() -> Command {
-    // Integration tests live in target/<profile>/deps; cargo builds examples next door.
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples")
-        .join("operator");
-    assert!(
-        dir.exists(),
-        "{} missing: run through `cargo test`, which builds examples",
-        dir.display()
-    );
-    Command::new(dir)
+    common::example("operator")
 }
 
 fn root() -> PathBuf {

@@ -4,21 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn pki(args: &[&str]) -> Output {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "--example", "pki"])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "the pki example builds");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Command::new(target.join("debug/examples/pki"))
+    common::example("pki")
         .args(args)
+        .current_dir(&root)
         .output()
-        .expect("the pki example runs")
+        .expect("the example runs")
 }
 
 fn text(o: &Output) -> String {

@@ -3,24 +3,17 @@
 //! input.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
 
 fn simulator(args: &[&str]) -> Output {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "--example", "simulator"])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "the simulator example builds");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Command::new(target.join("debug/examples/simulator"))
+    common::example("simulator")
         .args(args)
         .current_dir(&root)
         .output()
-        .expect("the simulator runs")
+        .expect("the example runs")
 }
 
 fn topo(name: &str) -> String {
