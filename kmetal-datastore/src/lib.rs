@@ -11,17 +11,21 @@
 //! - [`etcd`] (feature `etcd`, default): [`EtcdStore`](etcd::EtcdStore) over a dedicated
 //!   cluster or a tenant's `/<schema>/` of a shared one, and
 //!   [`EtcdProvisioner`](etcd::EtcdProvisioner) (user + role with RBAC per tenant).
+//! - [`postgres`] (feature `postgres`, default): [`PgStore`](postgres::PgStore), a kine-style
+//!   revision log on PostgreSQL with batched writes, LISTEN/NOTIFY watches and real leases.
 //! - [`provision`]: the [`Provisioner`] trait, [`TenantSlice`](provision::TenantSlice) and
 //!   name checks shared by every driver.
 //!
-//! Still to come (see the open issues): the kine-style SQL log on PostgreSQL and SQLite,
-//! snapshots and migration, and the etcd v3 gateway.
+//! Still to come (see the open issues): the SQLite log, PostgreSQL provisioning, snapshots and
+//! migration, and the etcd v3 gateway.
 
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
 pub mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod provision;
 pub mod store;
 
