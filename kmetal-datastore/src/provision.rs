@@ -70,6 +70,18 @@ impl TenantSlice {
     }
 }
 
+/// A random password for a tenant's datastore user: 32 hex digits (122 random bits from the OS's
+/// generator).
+///
+/// ```
+/// let p = kmetal_datastore::provision::generate_password();
+/// assert_eq!(p.len(), 32);
+/// assert_ne!(p, kmetal_datastore::provision::generate_password());
+/// ```
+pub fn generate_password() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 /// Why a schema or user name cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -165,3 +165,76 @@ async fn postgres_restart_mid_load_loses_nothing() {
     expected.sort_unstable();
     assert_eq!(seen, expected);
 }
+
+/// Per-tenant databases and roles: a tenant's role works on its own database only;
+/// provisioning is idempotent (the last password wins); deprovisioning drops both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioned_tenants_are_isolated() {
+    use kmetal_datastore::DatastoreError;
+    use kmetal_datastore::model::{PutRequest, RangeRequest};
+    use kmetal_datastore::postgres::PgProvisioner;
+    use kmetal_datastore::provision::{Provisioner, TenantSlice, generate_password};
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    let p = PgProvisioner::new(pg.conninfo("postgres"));
+    let a_slice = TenantSlice::with_password("tenant_a", "role_a", generate_password());
+    let b_slice = TenantSlice::with_password("tenant_b", "role_b", generate_password());
+    let a = p.provision(&a_slice).await.unwrap();
+    let b = p.provision(&b_slice).await.unwrap();
+    let store_a = PgStore::connect(PgConfig::new(a.conninfo())).await.unwrap();
+    store_a.put(PutRequest::new("/k", "a")).await.unwrap();
+    let store_b = PgStore::connect(PgConfig::new(b.conninfo())).await.unwrap();
+    assert_eq!(
+        store_b.range(RangeRequest::get("/k")).await.unwrap().count,
+        0
+    );
+
+    // A's role on B's database.
+    let mut cross = a.clone();
+    cross.database = b.database.clone();
+    let err = PgStore::connect(PgConfig::new(cross.conninfo()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+
+    // Re-provisioning sets the new password; the old one stops working.
+    let again = TenantSlice::with_password("tenant_a", "role_a", generate_password());
+    let a2 = p.provision(&again).await.unwrap();
+    let err = PgStore::connect(PgConfig::new(a.conninfo()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+    let store_a2 = PgStore::connect(PgConfig::new(a2.conninfo()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store_a2.range(RangeRequest::get("/k")).await.unwrap().count,
+        1,
+        "data kept"
+    );
+    drop((store_a, store_a2));
+
+    p.deprovision(&again).await.unwrap();
+    p.deprovision(&again).await.unwrap();
+    let err = PgStore::connect(PgConfig::new(a2.conninfo()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DatastoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
+    assert!(matches!(
+        p.provision(&TenantSlice::with_client_certificate("x", "y"))
+            .await,
+        Err(kmetal_datastore::provision::ProvisionError::UnsupportedAuth { .. })
+    ));
+}

@@ -13,8 +13,10 @@
 //! - **Compaction** marks the revision at once and deletes superseded rows in bounded batches
 //!   outside the writer, so it never holds writers for long.
 
+mod provision;
 mod schema;
 
+pub use provision::{PgCredentials, PgProvisioner};
 pub use schema::SCHEMA_VERSION;
 
 use std::collections::HashMap;
@@ -75,6 +77,34 @@ const CHANNEL: &str = "kmetal_revision";
 /// A database error as the cause of `Unavailable`.
 fn db(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatastoreError {
     DatastoreError::unavailable(e)
+}
+
+/// A PostgreSQL error as the etcd-style kind a caller can act on: authentication and
+/// privilege failures are `PermissionDenied`; connection loss, shutdown, overload and
+/// serialization conflicts `Unavailable`; anything else `Backend`.
+pub(crate) fn pg_error(e: tokio_postgres::Error) -> DatastoreError {
+    let Some(code) = e.code().map(|c| c.code().to_string()) else {
+        return DatastoreError::unavailable(e);
+    };
+    match code.get(..2) {
+        Some("28") => DatastoreError::PermissionDenied {
+            source: Some(Box::new(e)),
+        },
+        _ if code == "42501" => DatastoreError::PermissionDenied {
+            source: Some(Box::new(e)),
+        },
+        Some("08" | "57" | "53" | "40") => DatastoreError::unavailable(e),
+        _ => DatastoreError::Backend {
+            source: Box::new(e),
+        },
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> DatastoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => DatastoreError::unavailable(other),
+    }
 }
 
 /// A [`Datastore`] on PostgreSQL.
@@ -245,7 +275,7 @@ impl PgStore {
             let client = tokio::time::timeout(cfg.request_timeout, pool.get())
                 .await
                 .map_err(db)?
-                .map_err(db)?;
+                .map_err(pool_error)?;
             client.batch_execute(schema::CREATE).await.map_err(db)?;
             let v: i32 = client
                 .query_one("SELECT schema_version FROM kmetal_meta WHERE id = 1", &[])
@@ -300,7 +330,7 @@ impl PgStore {
         tokio::time::timeout(self.inner.cfg.request_timeout, self.inner.pool.get())
             .await
             .map_err(db)?
-            .map_err(db)
+            .map_err(pool_error)
     }
 
     async fn meta(&self) -> Result<(Revision, Revision)> {
