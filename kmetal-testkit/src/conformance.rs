@@ -240,6 +240,11 @@ async fn paginated_list_and_count(s: &dyn Datastore) {
             )
             .await
             .unwrap();
+        assert_eq!(
+            page.count as usize,
+            25 - seen.len(),
+            "each page counts the keys from its start on"
+        );
         seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
         if !page.more {
             break;

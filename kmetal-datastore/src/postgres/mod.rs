@@ -113,8 +113,17 @@ pub struct PgStore {
     inner: Arc<Inner>,
 }
 
+/// Counts of paginated lists: at a fixed revision, the count of `[lastKey+"\0", end)` is the
+/// previous page's count minus its keys, so only the first page pays for a full count.
+/// Key: (range end, revision, page start).
+type CountCache = std::sync::Mutex<HashMap<(Vec<u8>, Revision, Vec<u8>), i64>>;
+
+/// Most remembered page counts (a handful of concurrent paginated lists).
+const COUNT_CACHE_SIZE: usize = 1024;
+
 struct Inner {
     pool: Pool,
+    counts: CountCache,
     writer: mpsc::Sender<Job>,
     hub: mpsc::UnboundedSender<HubMsg>,
     cfg: PgConfig,
@@ -194,11 +203,29 @@ fn bounds(r: &KeyRange) -> (Vec<u8>, Option<Vec<u8>>) {
     (from, to)
 }
 
-/// The latest live row of every key in a range at revision `$3` (`$2` NULL = unbounded).
+/// The latest live row of every key in a range at revision `$3` (`$2` NULL = unbounded; `$4`
+/// the row limit, NULL for all).
 const LIVE_IN_RANGE: &str = "SELECT name, rev, create_revision, version, lease, value FROM (
     SELECT DISTINCT ON (name) name, rev, create_revision, version, deleted, lease, value
     FROM kmetal_kv WHERE name >= $1 AND ($2::bytea IS NULL OR name < $2) AND rev <= $3
-    ORDER BY name, rev DESC) t WHERE NOT deleted ORDER BY name";
+    ORDER BY name, rev DESC) t WHERE NOT deleted ORDER BY name LIMIT $4";
+
+/// The same at the current revision, from `kmetal_current` (`$3` is unused but keeps the
+/// parameter list the same; `$4` is the row limit, NULL for all). The limit sits inside, on
+/// the ordered index scan of `kmetal_current`, so a page costs its own rows whatever the
+/// planner's statistics say.
+const CURRENT_IN_RANGE: &str =
+    "SELECT k.name, k.rev, k.create_revision, k.version, k.lease, k.value
+    FROM (SELECT name, rev FROM kmetal_current
+          WHERE name >= $1 AND ($2::bytea IS NULL OR name < $2) AND $3::bigint IS NOT NULL
+          ORDER BY name LIMIT $4) c
+    CROSS JOIN LATERAL (SELECT * FROM kmetal_kv k WHERE k.name = c.name AND k.rev = c.rev) k
+    ORDER BY c.name";
+
+/// Counts at the current revision: an index-only range scan (`$4` unused, always NULL).
+const CURRENT_COUNT: &str = "SELECT count(*) FROM kmetal_current
+    WHERE name >= $1 AND ($2::bytea IS NULL OR name < $2) AND $3::bigint IS NOT NULL
+    AND $4::bigint IS NULL";
 
 fn kv_from(row: &Row, keys_only: bool) -> KeyValue {
     let value: Vec<u8> = if keys_only {
@@ -216,36 +243,75 @@ fn kv_from(row: &Row, keys_only: bool) -> KeyValue {
     }
 }
 
+/// Where a read is served from.
+#[derive(Clone, Copy)]
+enum At {
+    /// The current revision (the writer's transaction, or a snapshot at its own revision).
+    Current,
+    /// A past revision.
+    Past(Revision),
+}
+
+fn at_rev(at: At, current: Revision) -> Revision {
+    match at {
+        At::Current => current,
+        At::Past(r) => r,
+    }
+}
+
+/// One page without the count (the caller knows it).
+async fn page_at<C: deadpool_postgres::GenericClient + Sync>(
+    c: &C,
+    req: &RangeRequest,
+    at: At,
+) -> std::result::Result<(Vec<KeyValue>, bool), tokio_postgres::Error> {
+    let (from, to) = bounds(&req.range);
+    let (sql, rev) = match at {
+        At::Current => (CURRENT_IN_RANGE, 0i64),
+        At::Past(r) => (LIVE_IN_RANGE, r),
+    };
+    let n = req.limit.saturating_add(1);
+    let rows = c.query(sql, &[&from, &to, &rev, &Some(n)]).await?;
+    let more = rows.len() as i64 > req.limit;
+    let mut kvs: Vec<KeyValue> = rows.iter().map(|r| kv_from(r, req.keys_only)).collect();
+    kvs.truncate(usize::try_from(req.limit).unwrap_or(usize::MAX));
+    Ok((kvs, more))
+}
+
 /// Reads through any client (pooled connection or the writer's transaction).
 async fn range_at<C: deadpool_postgres::GenericClient + Sync>(
     c: &C,
     req: &RangeRequest,
-    at: Revision,
+    at: At,
 ) -> std::result::Result<(Vec<KeyValue>, bool, i64), tokio_postgres::Error> {
     let (from, to) = bounds(&req.range);
+    let (rows_sql, count_sql, rev) = match at {
+        At::Current => (
+            CURRENT_IN_RANGE.to_string(),
+            CURRENT_COUNT.to_string(),
+            0i64,
+        ),
+        At::Past(r) => (
+            LIVE_IN_RANGE.to_string(),
+            format!("SELECT count(*) FROM ({LIVE_IN_RANGE}) c WHERE $4::bigint IS NULL"),
+            r,
+        ),
+    };
+    let all: Option<i64> = None;
     if req.count_only {
-        let sql = format!("SELECT count(*) FROM ({LIVE_IN_RANGE}) c");
-        let row = c.query_one(&sql, &[&from, &to, &at]).await?;
+        let row = c.query_one(&count_sql, &[&from, &to, &rev, &all]).await?;
         return Ok((Vec::new(), false, row.get(0)));
     }
     let limited = req.limit > 0;
-    let sql = if limited {
-        format!("{LIVE_IN_RANGE} LIMIT $4")
-    } else {
-        LIVE_IN_RANGE.to_string()
-    };
-    let rows = if limited {
-        let n = req.limit.saturating_add(1);
-        c.query(&sql, &[&from, &to, &at, &n]).await?
-    } else {
-        c.query(&sql, &[&from, &to, &at]).await?
-    };
+    let limit = limited.then(|| req.limit.saturating_add(1));
+    let rows = c.query(&rows_sql, &[&from, &to, &rev, &limit]).await?;
     let more = limited && rows.len() as i64 > req.limit;
     let mut kvs: Vec<KeyValue> = rows.iter().map(|r| kv_from(r, req.keys_only)).collect();
     let count = if more {
         kvs.truncate(usize::try_from(req.limit).unwrap_or(usize::MAX));
-        let sql = format!("SELECT count(*) FROM ({LIVE_IN_RANGE}) c");
-        c.query_one(&sql, &[&from, &to, &at]).await?.get(0)
+        c.query_one(&count_sql, &[&from, &to, &rev, &all])
+            .await?
+            .get(0)
     } else {
         kvs.len() as i64
     };
@@ -297,6 +363,7 @@ impl PgStore {
         let hub = tokio::spawn(hub_task(pg, pool.clone(), hrx));
         let mut inner = Inner {
             pool,
+            counts: CountCache::default(),
             writer: wtx,
             hub: htx,
             cfg,
@@ -431,11 +498,41 @@ async fn run_batch(
     };
     let start = meta.revision;
     let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
+    let put_stmt = tx.prepare_cached(PUT).await?;
+    let mut i = 0;
+    while i < ops.len() {
+        // Puts without a lease or prev_kv cannot fail on their own: send them pipelined (one
+        // round trip for the group, statements still applied in order) and skip savepoints.
+        let simple = |op: &Op| matches!(op, Op::Put(p) if p.lease == 0 && !p.prev_kv);
+        if simple(ops[i]) {
+            let mut j = i;
+            let mut pending = Vec::new();
+            while j < ops.len() && simple(ops[j]) {
+                if let Op::Put(p) = ops[j] {
+                    let rev = meta.revision + 1 + (j - i) as i64;
+                    let (stmt, tx) = (&put_stmt, &tx);
+                    pending.push(async move {
+                        tx.execute(stmt, &[&rev, &p.key.as_ref(), &p.lease, &p.value.as_ref()])
+                            .await
+                    });
+                }
+                j += 1;
+            }
+            futures_util::future::try_join_all(pending).await?;
+            for _ in i..j {
+                meta.revision += 1;
+                results.push(Ok(Done::Put(PutResponse {
+                    revision: meta.revision,
+                    prev_kv: None,
+                })));
+            }
+            i = j;
+            continue;
+        }
         // A savepoint keeps a failing request from undoing the others in the batch.
         tx.batch_execute("SAVEPOINT w").await?;
         let before = (meta.revision, meta.compact, meta.next_lease);
-        match apply(&tx, op, &mut meta).await {
+        match apply(&tx, ops[i], &mut meta).await {
             Ok(done) => {
                 tx.batch_execute("RELEASE SAVEPOINT w").await?;
                 results.push(Ok(done));
@@ -447,6 +544,7 @@ async fn run_batch(
             }
             Err(Fail::Db(e)) => return Err(Box::new(e)),
         }
+        i += 1;
     }
     tx.execute(
         "UPDATE kmetal_meta SET revision = $1, compact_revision = $2, next_lease = $3 WHERE id = 1",
@@ -551,9 +649,7 @@ async fn apply(tx: &Tx<'_>, op: &Op, meta: &mut Meta) -> std::result::Result<Don
             let rev = meta.revision + 1;
             let keys = tx
                 .query(
-                    "SELECT name FROM (SELECT DISTINCT ON (name) name, deleted, lease FROM kmetal_kv
-                     WHERE name IN (SELECT name FROM kmetal_kv WHERE lease = $1)
-                     ORDER BY name, rev DESC) t WHERE NOT deleted AND lease = $1",
+                    "SELECT c.name FROM kmetal_current c JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev WHERE k.lease = $1",
                     &[id],
                 )
                 .await?;
@@ -586,15 +682,28 @@ async fn lease_exists(tx: &Tx<'_>, id: LeaseId) -> std::result::Result<(), Fail>
 async fn live(tx: &Tx<'_>, name: &[u8]) -> std::result::Result<Option<KeyValue>, Fail> {
     let stmt = tx
         .prepare_cached(
-            "SELECT name, rev, create_revision, version, deleted, lease, value FROM kmetal_kv
-             WHERE name = $1 ORDER BY rev DESC LIMIT 1",
+            "SELECT k.name, k.rev, k.create_revision, k.version, k.lease, k.value
+             FROM kmetal_current c JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev
+             WHERE c.name = $1",
         )
         .await?;
     let row = tx.query_opt(&stmt, &[&name]).await?;
-    Ok(row
-        .filter(|r| !r.get::<_, bool>("deleted"))
-        .map(|r| kv_from(&r, false)))
+    Ok(row.map(|r| kv_from(&r, false)))
 }
+
+/// Writes one put at `rev` and moves `kmetal_current`, in one statement.
+const PUT: &str = "WITH prev AS (
+        SELECT k.create_revision, k.version FROM kmetal_current c
+        JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev WHERE c.name = $2),
+    ins AS (
+        INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version, deleted, lease, value)
+        SELECT $1, $2, COALESCE(p.create_revision, $1),
+            COALESCE((SELECT rev FROM kmetal_kv WHERE name = $2 ORDER BY rev DESC LIMIT 1), 0),
+            COALESCE(p.version, 0) + 1, false, $3, $4
+        FROM (SELECT 1) one LEFT JOIN prev p ON true
+        RETURNING rev)
+    INSERT INTO kmetal_current (name, rev) SELECT $2, rev FROM ins
+    ON CONFLICT (name) DO UPDATE SET rev = EXCLUDED.rev";
 
 async fn put(
     tx: &Tx<'_>,
@@ -602,26 +711,13 @@ async fn put(
     rev: Revision,
 ) -> std::result::Result<Option<KeyValue>, Fail> {
     lease_exists(tx, p.lease).await?;
-    let stmt = tx
-        .prepare_cached(
-            "WITH prev AS (SELECT rev, create_revision, version, deleted, lease, value FROM kmetal_kv
-                           WHERE name = $2 ORDER BY rev DESC LIMIT 1)
-             INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version, deleted, lease, value)
-             SELECT $1, $2,
-                 CASE WHEN p.rev IS NOT NULL AND NOT p.deleted THEN p.create_revision ELSE $1 END,
-                 COALESCE(p.rev, 0),
-                 CASE WHEN p.rev IS NOT NULL AND NOT p.deleted THEN p.version + 1 ELSE 1 END,
-                 false, $3, $4
-             FROM (SELECT 1) one LEFT JOIN prev p ON true
-             RETURNING prev_revision",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(PUT).await?;
     let prev = if p.prev_kv {
         live(tx, &p.key).await?
     } else {
         None
     };
-    tx.query_one(&stmt, &[&rev, &p.key.as_ref(), &p.lease, &p.value.as_ref()])
+    tx.execute(&stmt, &[&rev, &p.key.as_ref(), &p.lease, &p.value.as_ref()])
         .await?;
     Ok(prev)
 }
@@ -629,8 +725,9 @@ async fn put(
 async fn tombstone(tx: &Tx<'_>, name: &[u8], rev: Revision) -> std::result::Result<(), Fail> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version, deleted, lease, value)
-             SELECT $1, $2, 0, (SELECT max(rev) FROM kmetal_kv WHERE name = $2), 0, true, 0, ''::bytea",
+            "WITH gone AS (DELETE FROM kmetal_current WHERE name = $2 RETURNING rev)
+             INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version, deleted, lease, value)
+             SELECT $1, $2, 0, rev, 0, true, 0, ''::bytea FROM gone",
         )
         .await?;
     tx.execute(&stmt, &[&rev, &name]).await?;
@@ -646,7 +743,7 @@ async fn delete(
         range: d.range.clone(),
         ..RangeRequest::default()
     };
-    let (kvs, _, _) = range_at(tx, &req, i64::MAX).await?;
+    let (kvs, _, _) = range_at(tx, &req, At::Current).await?;
     for kv in &kvs {
         tombstone(tx, &kv.key, rev).await?;
     }
@@ -664,7 +761,7 @@ async fn compare_ok(tx: &Tx<'_>, c: &Compare) -> std::result::Result<bool, Fail>
         keys_only: !matches!(c.target, CompareTarget::Value(_)),
         ..RangeRequest::default()
     };
-    let (kvs, _, _) = range_at(tx, &req, i64::MAX).await?;
+    let (kvs, _, _) = range_at(tx, &req, At::Current).await?;
     // An empty range passes vacuously, as in the memory driver.
     Ok(kvs.iter().all(|kv| c.matches(Some(kv))))
 }
@@ -690,7 +787,11 @@ async fn txn(
                 if r.range.key.is_empty() {
                     return Err(DatastoreError::EmptyKey.into());
                 }
-                let at = if r.revision > 0 { r.revision } else { i64::MAX };
+                let at = if r.revision > 0 && r.revision < rev - 1 {
+                    At::Past(r.revision)
+                } else {
+                    At::Current
+                };
                 let (kvs, more, count) = range_at(tx, r, at).await?;
                 ResponseOp::Range(RangeResponse {
                     revision: rev - 1 + i64::from(*wrote),
@@ -851,17 +952,20 @@ async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::Unbounde
     let mut last: Option<Revision> = None;
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        // A dedicated connection for LISTEN; notifications arrive on its connection future.
-        let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<()>();
+        // A dedicated connection for LISTEN, also used for the hub's reads (no pool waits on
+        // the watch path). Notifications carry the committed revision.
+        let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<Option<Revision>>();
         let listener = match pg.connect(NoTls).await {
             Ok((client, mut conn)) => {
-                let tx = notify_tx.clone();
+                // The driver owns the only sender: when the connection dies the channel
+                // closes and the hub reconnects.
+                let tx = notify_tx;
                 // The connection future carries the notifications; poll it for messages.
                 let driver = tokio::spawn(async move {
                     loop {
                         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                let _ = tx.send(());
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                let _ = tx.send(n.payload().parse().ok());
                             }
                             Some(Ok(_)) => {}
                             Some(Err(_)) | None => break,
@@ -885,16 +989,24 @@ async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::Unbounde
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         loop {
-            let mut read = false;
+            // What to read: None = nothing; Some(None) = ask the database; Some(Some(r)) = up
+            // to the notified revision.
+            let mut read: Option<Option<Revision>> = None;
             tokio::select! {
                 msg = rx.recv() => match msg {
                     None => return,
                     Some(HubMsg::Remove(id)) => { watchers.remove(&id); }
                     Some(HubMsg::Add(id, mut w)) => {
                         // Replay history up to what has been dispatched, then go live.
-                        let upto = match last { Some(l) => l, None => current(&pool).await.unwrap_or(0) };
+                        let upto = match last {
+                            Some(l) => l,
+                            None => match current(listener.as_ref().map(|l| &l.0), &pool).await {
+                                Ok(c) => c,
+                                Err(e) => { let _ = w.tx.send(Err(db(e))); continue; }
+                            },
+                        };
                         if w.next <= upto {
-                            match load_events(&pool, w.next - 1, upto).await {
+                            match load_events(listener.as_ref().map(|l| &l.0), &pool, w.next - 1, upto).await {
                                 Ok(ev) => { deliver(&mut w, &ev, upto); }
                                 Err(e) => { let _ = w.tx.send(Err(db(e))); continue; }
                             }
@@ -905,40 +1017,58 @@ async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::Unbounde
                         watchers.insert(id, w);
                     }
                 },
-                n = notify_rx.recv(), if listener.is_some() => { if n.is_none() { break; } read = true; }
-                _ = progress_tick.tick() => {
-                    read = true;
+                n = notify_rx.recv(), if listener.is_some() => {
+                    let Some(mut rev) = n else { break };
+                    // Coalesce a burst of notifications into one read.
+                    while let Ok(more) = notify_rx.try_recv() {
+                        rev = match (rev, more) { (Some(a), Some(b)) => Some(a.max(b)), _ => None };
+                    }
+                    read = Some(rev);
                 }
+                _ = progress_tick.tick() => { read = Some(None); }
             }
-            if read && !watchers.is_empty() {
-                let Ok(now) = current(&pool).await else {
-                    continue;
-                };
-                let from = last.unwrap_or(now);
-                if now > from {
-                    let Ok(ev) = load_events(&pool, from, now).await else {
-                        continue;
+            let client = listener.as_ref().map(|l| &l.0);
+            match read {
+                Some(hint) if !watchers.is_empty() => {
+                    // A failed read means a broken connection: reconnect and read again from
+                    // `last`, so nothing is skipped.
+                    let now = match hint {
+                        Some(r) => r,
+                        None => match current(client, &pool).await {
+                            Ok(c) => c,
+                            Err(_) => break,
+                        },
                     };
-                    watchers.retain(|_, w| deliver(w, &ev, now));
-                    last = Some(now);
-                } else {
-                    last = Some(from);
-                    // Idle: progress notifications for those who asked.
-                    watchers.retain(|_, w| {
-                        !w.progress
-                            || w.tx
-                                .send(Ok(WatchBatch {
-                                    revision: from,
-                                    events: Vec::new(),
-                                }))
-                                .is_ok()
-                    });
+                    let from = last.unwrap_or(now);
+                    if now > from {
+                        let Ok(ev) = load_events(client, &pool, from, now).await else {
+                            break;
+                        };
+                        watchers.retain(|_, w| deliver(w, &ev, now));
+                        last = Some(now);
+                    } else if hint.is_none() {
+                        last = Some(from);
+                        // Idle: progress notifications for those who asked.
+                        watchers.retain(|_, w| {
+                            !w.progress
+                                || w.tx
+                                    .send(Ok(WatchBatch {
+                                        revision: from,
+                                        events: Vec::new(),
+                                    }))
+                                    .is_ok()
+                        });
+                    }
                 }
-            } else if read {
-                last = current(&pool).await.ok().or(last);
+                Some(_) => {
+                    last = current(client, &pool).await.ok().or(last);
+                }
+                None => {}
             }
-            if let Some((_, driver)) = &listener
-                && driver.is_finished()
+            // Without a listener, serve one round from the pool, then try to listen again.
+            if listener
+                .as_ref()
+                .is_none_or(|(_, driver)| driver.is_finished())
             {
                 break;
             }
@@ -949,24 +1079,30 @@ async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::Unbounde
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The current revision, through `client` if there is one, else a pooled connection.
 async fn current(
+    client: Option<&tokio_postgres::Client>,
     pool: &Pool,
-) -> std::result::Result<Revision, Box<dyn std::error::Error + Send + Sync>> {
-    let c = pool.get().await?;
-    Ok(
-        c.query_one("SELECT revision FROM kmetal_meta WHERE id = 1", &[])
-            .await?
-            .get(0),
-    )
+) -> std::result::Result<Revision, BoxError> {
+    const SQL: &str = "SELECT revision FROM kmetal_meta WHERE id = 1";
+    Ok(match client {
+        Some(c) => c.query_one(SQL, &[]).await?.get(0),
+        None => pool.get().await?.query_one(SQL, &[]).await?.get(0),
+    })
 }
 
 async fn load_events(
+    client: Option<&tokio_postgres::Client>,
     pool: &Pool,
     after: Revision,
     upto: Revision,
-) -> std::result::Result<Vec<(Revision, Event)>, Box<dyn std::error::Error + Send + Sync>> {
-    let c = pool.get().await?;
-    let rows = c.query(EVENTS, &[&after, &upto]).await?;
+) -> std::result::Result<Vec<(Revision, Event)>, BoxError> {
+    let rows = match client {
+        Some(c) => c.query(EVENTS, &[&after, &upto]).await?,
+        None => pool.get().await?.query(EVENTS, &[&after, &upto]).await?,
+    };
     Ok(rows.iter().map(event_from).collect())
 }
 
@@ -1042,13 +1178,42 @@ impl Datastore for PgStore {
                 compacted,
             });
         }
-        let at = if req.revision > 0 {
-            req.revision
+        // The snapshot holds meta and kmetal_current together: at its own revision the
+        // current table is exact.
+        let at = if req.revision > 0 && req.revision < current {
+            At::Past(req.revision)
         } else {
-            current
+            At::Current
         };
-        let (kvs, more, count) = range_at(&tx, &req, at).await.map_err(db)?;
+        let key = |from: &[u8]| {
+            (
+                req.range.range_end.to_vec(),
+                at_rev(at, current),
+                from.to_vec(),
+            )
+        };
+        let cached = self
+            .inner
+            .counts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key(&req.range.key)).copied());
+        let (kvs, more, count) = match cached {
+            Some(count) if req.limit > 0 && !req.count_only => {
+                let (kvs, more) = page_at(&tx, &req, at).await.map_err(db)?;
+                (kvs, more, count)
+            }
+            _ => range_at(&tx, &req, at).await.map_err(db)?,
+        };
         tx.commit().await.map_err(db)?;
+        if more && let (Some(last), Ok(mut cache)) = (kvs.last(), self.inner.counts.lock()) {
+            if cache.len() >= COUNT_CACHE_SIZE {
+                cache.clear();
+            }
+            let mut next = last.key.to_vec();
+            next.push(0);
+            cache.insert(key(&next), count - kvs.len() as i64);
+        }
         Ok(RangeResponse {
             revision: current,
             kvs,
@@ -1181,9 +1346,7 @@ impl Datastore for PgStore {
         if keys {
             let rows = c
                 .query(
-                    "SELECT name FROM (SELECT DISTINCT ON (name) name, deleted, lease FROM kmetal_kv
-                     WHERE name IN (SELECT name FROM kmetal_kv WHERE lease = $1)
-                     ORDER BY name, rev DESC) t WHERE NOT deleted AND lease = $1 ORDER BY name",
+                    "SELECT c.name FROM kmetal_current c JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev WHERE k.lease = $1 ORDER BY c.name",
                     &[&id],
                 )
                 .await

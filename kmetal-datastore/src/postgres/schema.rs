@@ -5,8 +5,13 @@
 //!   and commits land in revision order, so watchers never wait on a gap.
 //! - `kmetal_kv`: one row per key per revision (a txn writes several rows at one revision).
 //!   Keys are `bytea`, which sorts bytewise like etcd (kine's `text` cannot hold arbitrary
-//!   bytes). The primary key `(name, rev)` makes get, list and count index scans; `rev` feeds
-//!   watches; the unique `(name, prev_revision)` is kine's optimistic-concurrency guard.
+//!   bytes). The unique `(name, rev DESC)` index serves reads at past revisions (newest row
+//!   per key first, no sort); `rev` feeds watches; the unique `(name, prev_revision)` is
+//!   kine's optimistic-concurrency guard.
+//! - `kmetal_current`: each live key and its latest revision, maintained by the writer in the
+//!   same transaction. Reads at the current revision (almost all of them, and every page of
+//!   a list nobody wrote into meanwhile) and counts are plain index range scans on it, which
+//!   is what makes kine's list and count slow on large tables fast here.
 //! - `kmetal_lease`: leases with their expiry time, so expiry survives restarts.
 
 /// The schema version this code writes.
@@ -31,12 +36,16 @@ CREATE TABLE IF NOT EXISTS kmetal_kv (
     version BIGINT NOT NULL,
     deleted BOOLEAN NOT NULL,
     lease BIGINT NOT NULL,
-    value BYTEA NOT NULL,
-    PRIMARY KEY (name, rev)
+    value BYTEA NOT NULL
 );
+CREATE UNIQUE INDEX IF NOT EXISTS kmetal_kv_name_rev ON kmetal_kv (name, rev DESC);
 CREATE INDEX IF NOT EXISTS kmetal_kv_rev ON kmetal_kv (rev);
 CREATE UNIQUE INDEX IF NOT EXISTS kmetal_kv_name_prev ON kmetal_kv (name, prev_revision);
 CREATE INDEX IF NOT EXISTS kmetal_kv_lease ON kmetal_kv (lease) WHERE lease <> 0;
+CREATE TABLE IF NOT EXISTS kmetal_current (
+    name BYTEA PRIMARY KEY,
+    rev BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS kmetal_lease (
     id BIGINT PRIMARY KEY,
     ttl BIGINT NOT NULL,
