@@ -13,16 +13,22 @@
 //!   [`EtcdProvisioner`](etcd::EtcdProvisioner) (user + role with RBAC per tenant).
 //! - [`postgres`] (feature `postgres`, default): [`PgStore`](postgres::PgStore), a kine-style
 //!   revision log on PostgreSQL with batched writes, LISTEN/NOTIFY watches and real leases.
+//! - [`backup`]: per-tenant logical snapshots (one portable file with a checksum) from any
+//!   driver, restorable into any driver.
+//! - [`migrate`]: live migration of a tenant between any two drivers (freeze, copy, verify,
+//!   cut over, unfreeze).
 //! - [`provision`]: the [`Provisioner`] trait, [`TenantSlice`](provision::TenantSlice) and
 //!   name checks shared by every driver.
 //!
 //! Still to come (see the open issues): the SQLite log, PostgreSQL provisioning, snapshots and
 //! migration, and the etcd v3 gateway.
 
+pub mod backup;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
+pub mod migrate;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
