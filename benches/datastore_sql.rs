@@ -130,11 +130,7 @@ fn main() {
     rt.block_on(async {
         let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
         let pg = PostgresServer::start(PostgresOptions::default()).unwrap();
-        let (client, conn) = tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client.batch_execute("CREATE DATABASE bench").await.unwrap();
+        pg.create_database("bench").await.unwrap();
         let etcd_store: Arc<dyn Datastore> = Arc::new(
             EtcdStore::connect(EtcdConfig::new(etcd.endpoints()), Keyspace::Dedicated)
                 .await

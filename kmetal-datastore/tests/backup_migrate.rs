@@ -18,14 +18,7 @@ use kmetal_datastore::{Datastore, MemoryStore};
 use kmetal_testkit::{EtcdCluster, EtcdOptions, PostgresOptions, PostgresServer};
 
 async fn pg_store(pg: &PostgresServer, db: &str) -> Arc<dyn Datastore> {
-    let (client, conn) = tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
+    pg.create_database(db).await.unwrap();
     Arc::new(
         PgStore::connect(PgConfig::new(pg.conninfo(db)))
             .await

@@ -12,14 +12,7 @@ use kmetal_datastore::postgres::{PgConfig, PgStore};
 use kmetal_testkit::{PostgresOptions, PostgresServer};
 
 async fn create_db(pg: &PostgresServer, name: &str) {
-    let (client, conn) = tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
+    pg.create_database(name).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

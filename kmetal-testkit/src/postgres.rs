@@ -241,6 +241,19 @@ impl PostgresServer {
         )
     }
 
+    /// Creates database `name` (a fresh one per test or per conformance check).
+    pub async fn create_database(&self, name: &str) -> Result<(), tokio_postgres::Error> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.conninfo("postgres"), tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(conn);
+        let r = client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await;
+        drop(client);
+        let _ = driver.await;
+        r
+    }
+
     /// A libpq key/value connection string for `database` as the superuser.
     pub fn conninfo(&self, database: &str) -> String {
         format!(
