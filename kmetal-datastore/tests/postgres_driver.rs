@@ -231,3 +231,43 @@ async fn provisioned_tenants_are_isolated() {
         Err(kmetal_datastore::provision::ProvisionError::UnsupportedAuth { .. })
     ));
 }
+
+/// Automatic compaction on an interval keeps the last revisions and compacts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_compaction_runs_on_its_interval() {
+    use kmetal_datastore::DatastoreError;
+    use kmetal_datastore::model::{PutRequest, RangeRequest};
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    create_db(&pg, "auto").await;
+    let mut cfg = PgConfig::new(pg.conninfo("auto"));
+    cfg.auto_compact = Some((Duration::from_millis(200), 5));
+    let s = PgStore::connect(cfg).await.unwrap();
+    let first = s.put(PutRequest::new("/k", "0")).await.unwrap().revision;
+    for i in 1..30 {
+        s.put(PutRequest::new("/k", i.to_string())).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = s.status().await.unwrap();
+        if st.compact_revision >= st.revision - 5 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic compaction: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        s.range(RangeRequest::get("/k").at_revision(first)).await,
+        Err(DatastoreError::Compacted { .. })
+    ));
+    assert_eq!(
+        s.range(RangeRequest::get("/k")).await.unwrap().kvs[0].value,
+        "29"
+    );
+}

@@ -53,6 +53,10 @@ pub struct PgConfig {
     pub lease_sweep: Duration,
     /// Rows deleted per compaction batch.
     pub compaction_batch: i64,
+    /// Compact automatically: every `.0`, keep the last `.1` revisions (kube-apiserver's
+    /// compactor does the same every 5 minutes through the gateway; this covers clients that
+    /// never compact).
+    pub auto_compact: Option<(Duration, i64)>,
 }
 
 impl PgConfig {
@@ -65,6 +69,7 @@ impl PgConfig {
             limits: Limits::default(),
             lease_sweep: Duration::from_millis(500),
             compaction_batch: 1000,
+            auto_compact: None,
         }
     }
 }
@@ -375,9 +380,31 @@ impl PgStore {
             inner.cfg.lease_sweep,
         ));
         inner.tasks.push(sweeper.abort_handle());
-        Ok(Self {
+        let auto = inner.cfg.auto_compact;
+        let store = Self {
             inner: Arc::new(inner),
-        })
+        };
+        if let Some((every, keep)) = auto {
+            // The task holds a weak handle: dropping the store ends it.
+            let weak = Arc::downgrade(&store.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let s = PgStore { inner };
+                    if let Ok((current, compacted)) = s.meta().await {
+                        let target = current - keep.max(1);
+                        if target > compacted {
+                            // Another process may have compacted first: Compacted is fine.
+                            let _ = s.compact(target).await;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(store)
     }
 
     async fn write(&self, op: Op) -> Result<Done> {
