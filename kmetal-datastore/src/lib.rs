@@ -13,6 +13,8 @@
 //!   [`EtcdProvisioner`](etcd::EtcdProvisioner) (user + role with RBAC per tenant).
 //! - [`postgres`] (feature `postgres`, default): [`PgStore`](postgres::PgStore), a kine-style
 //!   revision log on PostgreSQL with batched writes, LISTEN/NOTIFY watches and real leases.
+//! - [`sqlite`] (feature `sqlite`, default): [`SqliteStore`](sqlite::SqliteStore), the same
+//!   revision log embedded in one file: the zero-setup default.
 //! - [`backup`]: per-tenant logical snapshots (one portable file with a checksum) from any
 //!   driver, restorable into any driver.
 //! - [`migrate`]: live migration of a tenant between any two drivers (freeze, copy, verify,
@@ -20,8 +22,7 @@
 //! - [`provision`]: the [`Provisioner`] trait, [`TenantSlice`](provision::TenantSlice) and
 //!   name checks shared by every driver.
 //!
-//! Still to come (see the open issues): the SQLite log, PostgreSQL provisioning, snapshots and
-//! migration, and the etcd v3 gateway.
+//! Still to come (see the open issues): the etcd v3 gateway.
 
 pub mod backup;
 pub mod error;
@@ -33,6 +34,10 @@ pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod provision;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sqllog;
 pub mod store;
 
 pub use error::{DatastoreError, Result};

@@ -32,10 +32,11 @@ use tokio_postgres::{NoTls, Row};
 use crate::error::{DatastoreError, Result};
 use crate::model::{
     CompactResponse, Compare, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, Event,
-    EventKind, KeyRange, KeyValue, LeaseGrant, LeaseId, LeaseInfo, Limits, PutRequest, PutResponse,
+    EventKind, KeyValue, LeaseGrant, LeaseId, LeaseInfo, Limits, PutRequest, PutResponse,
     RangeRequest, RangeResponse, RequestOp, ResponseOp, Revision, Status, TxnRequest, TxnResponse,
     WatchBatch, WatchRequest,
 };
+use crate::sqllog::{HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id};
 use crate::store::{Datastore, WatchStream};
 
 /// How to reach the database and how the store behaves.
@@ -189,23 +190,6 @@ impl From<DatastoreError> for Fail {
     fn from(e: DatastoreError) -> Self {
         Fail::Request(e)
     }
-}
-
-/// Bounds of a key range as SQL parameters: (from, to) with `to` None = unbounded; a single
-/// key is (key, key + "\0").
-fn bounds(r: &KeyRange) -> (Vec<u8>, Option<Vec<u8>>) {
-    if r.range_end.is_empty() {
-        let mut end = r.key.to_vec();
-        end.push(0);
-        return (r.key.to_vec(), Some(end));
-    }
-    let from = if r.key.as_ref() == [0] && r.range_end.as_ref() == [0] {
-        Vec::new()
-    } else {
-        r.key.to_vec()
-    };
-    let to = (r.range_end.as_ref() != [0]).then(|| r.range_end.to_vec());
-    (from, to)
 }
 
 /// The latest live row of every key in a range at revision `$3` (`$2` NULL = unbounded; `$4`
@@ -856,32 +840,6 @@ async fn txn(
 
 // ---- watches --------------------------------------------------------------------------
 
-struct Watcher {
-    range: KeyRange,
-    next: Revision,
-    prev_kv: bool,
-    no_put: bool,
-    no_delete: bool,
-    progress: bool,
-    tx: mpsc::UnboundedSender<Result<WatchBatch>>,
-}
-
-enum HubMsg {
-    Add(u64, Watcher),
-    Remove(u64),
-}
-
-struct Unregister {
-    hub: mpsc::UnboundedSender<HubMsg>,
-    id: u64,
-}
-
-impl Drop for Unregister {
-    fn drop(&mut self) {
-        let _ = self.hub.send(HubMsg::Remove(self.id));
-    }
-}
-
 /// Rows of revisions `> after` (or `>= from` for a replay), with the previous row's value.
 const EVENTS: &str =
     "SELECT k.rev, k.name, k.create_revision, k.version, k.deleted, k.lease, k.value,
@@ -935,43 +893,6 @@ fn event_from(row: &Row) -> (Revision, Event) {
             prev_kv: prev,
         },
     )
-}
-
-/// Sends `w` the events of `events` at or after its next revision, one batch per revision.
-fn deliver(w: &mut Watcher, events: &[(Revision, Event)], upto: Revision) -> bool {
-    let mut batch: Option<WatchBatch> = None;
-    for (rev, e) in events {
-        if *rev < w.next || !w.range.contains(&e.kv.key) {
-            continue;
-        }
-        if (e.kind == EventKind::Put && w.no_put) || (e.kind == EventKind::Delete && w.no_delete) {
-            continue;
-        }
-        if batch.as_ref().is_some_and(|b| b.revision != *rev)
-            && let Some(b) = batch.take()
-            && w.tx.send(Ok(b)).is_err()
-        {
-            return false;
-        }
-        let mut e = e.clone();
-        if !w.prev_kv {
-            e.prev_kv = None;
-        }
-        batch
-            .get_or_insert_with(|| WatchBatch {
-                revision: *rev,
-                events: Vec::new(),
-            })
-            .events
-            .push(e);
-    }
-    if let Some(b) = batch
-        && w.tx.send(Ok(b)).is_err()
-    {
-        return false;
-    }
-    w.next = w.next.max(upto + 1);
-    true
 }
 
 async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::UnboundedReceiver<HubMsg>) {
@@ -1302,8 +1223,7 @@ impl Datastore for PgStore {
             });
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = next_watch_id();
         let w = Watcher {
             range: req.range,
             next,

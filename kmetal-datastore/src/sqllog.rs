@@ -1,0 +1,96 @@
+//! What the SQL drivers (PostgreSQL, SQLite) share: key-range bounds as SQL parameters, and
+//! the watch hub's bookkeeping (registered watchers, per-revision delivery, unregistering).
+
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::model::{Event, EventKind, KeyRange, Revision, WatchBatch};
+
+/// Bounds of a key range as SQL parameters: (from, to) with `to` None = unbounded; a single
+/// key is (key, key + "\0").
+pub(crate) fn bounds(r: &KeyRange) -> (Vec<u8>, Option<Vec<u8>>) {
+    if r.range_end.is_empty() {
+        let mut end = r.key.to_vec();
+        end.push(0);
+        return (r.key.to_vec(), Some(end));
+    }
+    let from = if r.key.as_ref() == [0] && r.range_end.as_ref() == [0] {
+        Vec::new()
+    } else {
+        r.key.to_vec()
+    };
+    let to = (r.range_end.as_ref() != [0]).then(|| r.range_end.to_vec());
+    (from, to)
+}
+
+/// A registered watch.
+pub(crate) struct Watcher {
+    pub(crate) range: KeyRange,
+    pub(crate) next: Revision,
+    pub(crate) prev_kv: bool,
+    pub(crate) no_put: bool,
+    pub(crate) no_delete: bool,
+    pub(crate) progress: bool,
+    pub(crate) tx: mpsc::UnboundedSender<Result<WatchBatch>>,
+}
+
+/// Messages to a hub task.
+pub(crate) enum HubMsg {
+    Add(u64, Watcher),
+    Remove(u64),
+}
+
+/// Unregisters a watch when its stream is dropped.
+pub(crate) struct Unregister {
+    pub(crate) hub: mpsc::UnboundedSender<HubMsg>,
+    pub(crate) id: u64,
+}
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        let _ = self.hub.send(HubMsg::Remove(self.id));
+    }
+}
+
+/// Sends `w` the events of `events` at or after its next revision, one batch per revision.
+pub(crate) fn deliver(w: &mut Watcher, events: &[(Revision, Event)], upto: Revision) -> bool {
+    let mut batch: Option<WatchBatch> = None;
+    for (rev, e) in events {
+        if *rev < w.next || !w.range.contains(&e.kv.key) {
+            continue;
+        }
+        if (e.kind == EventKind::Put && w.no_put) || (e.kind == EventKind::Delete && w.no_delete) {
+            continue;
+        }
+        if batch.as_ref().is_some_and(|b| b.revision != *rev)
+            && let Some(b) = batch.take()
+            && w.tx.send(Ok(b)).is_err()
+        {
+            return false;
+        }
+        let mut e = e.clone();
+        if !w.prev_kv {
+            e.prev_kv = None;
+        }
+        batch
+            .get_or_insert_with(|| WatchBatch {
+                revision: *rev,
+                events: Vec::new(),
+            })
+            .events
+            .push(e);
+    }
+    if let Some(b) = batch
+        && w.tx.send(Ok(b)).is_err()
+    {
+        return false;
+    }
+    w.next = w.next.max(upto + 1);
+    true
+}
+
+/// A process-wide id for watches.
+pub(crate) fn next_watch_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
