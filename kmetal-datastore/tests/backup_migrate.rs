@@ -1,6 +1,6 @@
 //! Per-tenant snapshots and live migrations across real drivers: an etcd tenant's snapshot
 //! restored into PostgreSQL with the same content; a live migration memory → PostgreSQL →
-//! etcd under write load loses nothing; a migration that fails leaves the source serving;
+//! etcd → SQLite under write load loses nothing; a migration that fails leaves the source serving;
 //! corrupt snapshots are refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -100,7 +100,7 @@ async fn etcd_snapshot_restores_into_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_migration_memory_to_postgres_to_etcd_loses_nothing() {
+async fn live_migration_memory_to_postgres_to_etcd_to_sqlite_loses_nothing() {
     let pg = PostgresServer::start(PostgresOptions {
         fsync: false,
         ..PostgresOptions::default()
