@@ -100,6 +100,8 @@ pub struct SqliteConfig {
     pub lease_sweep: Duration,
     /// Rows deleted per compaction batch.
     pub compaction_batch: i64,
+    /// Compact automatically: every `.0`, keep the last `.1` revisions.
+    pub auto_compact: Option<(Duration, i64)>,
 }
 
 impl SqliteConfig {
@@ -112,6 +114,7 @@ impl SqliteConfig {
             readers: 4,
             lease_sweep: Duration::from_millis(500),
             compaction_batch: 1000,
+            auto_compact: None,
         }
     }
 }
@@ -852,7 +855,8 @@ impl SqliteStore {
             wtx.clone(),
             cfg.lease_sweep,
         ));
-        Ok(Self {
+        let auto = cfg.auto_compact;
+        let store = Self {
             inner: Arc::new(Inner {
                 cfg,
                 writer: wtx,
@@ -860,7 +864,27 @@ impl SqliteStore {
                 hub: htx,
                 tasks: vec![hub.abort_handle(), sweeper.abort_handle()],
             }),
-        })
+        };
+        if let Some((every, keep)) = auto {
+            // A weak handle: dropping the store ends the task.
+            let weak = Arc::downgrade(&store.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let s = SqliteStore { inner };
+                    if let Ok((current, compacted)) = s.meta().await {
+                        let target = current - keep.max(1);
+                        if target > compacted {
+                            let _ = s.compact(target).await;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(store)
     }
 
     async fn write(&self, op: Op) -> Result<Done> {

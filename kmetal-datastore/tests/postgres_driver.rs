@@ -271,3 +271,96 @@ async fn automatic_compaction_runs_on_its_interval() {
         "29"
     );
 }
+
+/// With TLS configured the store's connections are encrypted and the server certificate is
+/// verified: a store trusting another CA cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_are_encrypted_and_verified() {
+    use kmetal_datastore::DatastoreError;
+    use kmetal_datastore::model::{PutRequest, RangeRequest, WatchRequest};
+    use kmetal_datastore::postgres::PgTls;
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        tls: true,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    create_db(&pg, "secure").await;
+    let mut cfg = PgConfig::new(pg.conninfo("secure"));
+    cfg.tls = Some(PgTls {
+        ca_pem: pg.ca_pem().unwrap().to_string(),
+        identity: None,
+    });
+    let s = PgStore::connect(cfg.clone()).await.unwrap();
+    let mut w = s.watch(WatchRequest::prefix("/tls/", 0)).await.unwrap();
+    s.put(PutRequest::new("/tls/k", "v")).await.unwrap();
+    assert_eq!(s.range(RangeRequest::get("/tls/k")).await.unwrap().count, 1);
+    let b = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.events.len(), 1, "watches work over TLS too");
+    // The server sees the store's connections as TLS.
+    let (client, conn) = tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ssl: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+             WHERE s.ssl AND a.datname = 'secure'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl >= 2, "pooled and LISTEN connections use TLS ({ssl})");
+    // Trusting another CA: the server certificate is refused.
+    let stranger = kmetal_testkit::tls::TestCa::new("stranger").unwrap();
+    cfg.tls = Some(PgTls {
+        ca_pem: stranger.cert_pem.clone(),
+        identity: None,
+    });
+    cfg.request_timeout = Duration::from_secs(3);
+    let err = PgStore::connect(cfg).await.unwrap_err();
+    assert!(matches!(err, DatastoreError::Unavailable { .. }), "{err:?}");
+}
+
+/// A lease outlives the store that granted it: a new store (a restarted process) expires the
+/// lease from its persisted time and deletes the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_across_a_process_restart() {
+    use kmetal_datastore::model::{PutRequest, RangeRequest};
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    create_db(&pg, "leases").await;
+    {
+        let s = PgStore::connect(PgConfig::new(pg.conninfo("leases")))
+            .await
+            .unwrap();
+        let lease = s.lease_grant(2, 0).await.unwrap().id;
+        s.put(PutRequest::new("/leased", "v").with_lease(lease))
+            .await
+            .unwrap();
+    }
+    let s = PgStore::connect(PgConfig::new(pg.conninfo("leases")))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.range(RangeRequest::get("/leased")).await.unwrap().count,
+        1
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.range(RangeRequest::get("/leased")).await.unwrap().count == 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the persisted lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.leases().await.unwrap().is_empty());
+}

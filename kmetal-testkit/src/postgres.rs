@@ -24,6 +24,8 @@ pub struct PostgresOptions {
     pub fsync: bool,
     /// `max_connections`.
     pub max_connections: u32,
+    /// Serve TLS (`ssl=on`) with a certificate from a throwaway CA ([`PostgresServer::ca_pem`]).
+    pub tls: bool,
 }
 
 impl Default for PostgresOptions {
@@ -31,6 +33,7 @@ impl Default for PostgresOptions {
         Self {
             fsync: true,
             max_connections: 200,
+            tls: false,
         }
     }
 }
@@ -47,6 +50,8 @@ pub struct PostgresServer {
     options: PostgresOptions,
     launch: Launch,
     process: Option<Supervised>,
+    tls_args: Vec<String>,
+    ca_pem: Option<String>,
     _dir: TempDir,
 }
 
@@ -92,6 +97,10 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
         (f.first() == Some(&user))
             .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
     })
+}
+
+fn tls_error(e: crate::tls::TlsError) -> ProcessError {
+    ProcessError::Certificates(Box::new(e))
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ProcessError + '_ {
@@ -149,7 +158,39 @@ impl PostgresServer {
             "--no-sync",
         ]);
         process::run(initdb)?;
+        let mut tls_args = Vec::new();
+        let mut ca_pem = None;
+        if options.tls {
+            let ca = crate::tls::TestCa::new("kmetal-test-postgres-ca").map_err(tls_error)?;
+            let server_cert = ca.server("localhost").map_err(tls_error)?;
+            let cert = crate::tls::write_pem(dir.path(), "server.crt", &server_cert.cert)
+                .map_err(tls_error)?;
+            let key = crate::tls::write_pem(dir.path(), "server.key", &server_cert.key)
+                .map_err(tls_error)?;
+            // PostgreSQL refuses a key readable by others or owned by someone else.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&key))?;
+            if let Some(user) = &launch.user
+                && let Some((uid, gid)) = user_ids(user)
+            {
+                for p in [&cert, &key] {
+                    std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(io(p))?;
+                }
+            }
+            tls_args = vec![
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-c".to_string(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".to_string(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+            ca_pem = Some(ca.cert_pem.clone());
+        }
         let mut server = Self {
+            tls_args,
+            ca_pem,
             bindir,
             data,
             socket_dir,
@@ -181,6 +222,7 @@ impl PostgresServer {
             "-c",
             &format!("max_connections={}", self.options.max_connections),
         ]);
+        cmd.args(&self.tls_args);
         self.process = Some(Supervised::spawn(cmd, &self.log)?);
         self.wait_ready()
     }
@@ -239,6 +281,11 @@ impl PostgresServer {
             "postgres://postgres:{}@127.0.0.1:{}/{database}",
             self.password, self.port
         )
+    }
+
+    /// The PEM of the CA that signed the server certificate, when serving TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// Creates database `name` (a fresh one per test or per conformance check).

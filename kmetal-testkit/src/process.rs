@@ -8,6 +8,9 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProcessError {
+    /// Making a server's test certificates failed.
+    #[error("cannot make test certificates")]
+    Certificates(#[source] Box<crate::tls::TlsError>),
     /// The binary is not installed.
     #[error("`{binary}` not found: install Debian's `{package}` (apt-get install {package})")]
     MissingBinary {

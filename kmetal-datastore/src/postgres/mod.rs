@@ -15,9 +15,11 @@
 
 mod provision;
 mod schema;
+mod tls;
 
 pub use provision::{PgCredentials, PgProvisioner};
 pub use schema::SCHEMA_VERSION;
+pub use tls::PgTls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +56,8 @@ pub struct PgConfig {
     pub lease_sweep: Duration,
     /// Rows deleted per compaction batch.
     pub compaction_batch: i64,
+    /// TLS to the server (`sslmode=require` with certificate verification), or plain TCP.
+    pub tls: Option<PgTls>,
     /// Compact automatically: every `.0`, keep the last `.1` revisions (kube-apiserver's
     /// compactor does the same every 5 minutes through the gateway; this covers clients that
     /// never compact).
@@ -70,6 +74,7 @@ impl PgConfig {
             limits: Limits::default(),
             lease_sweep: Duration::from_millis(500),
             compaction_batch: 1000,
+            tls: None,
             auto_compact: None,
         }
     }
@@ -311,14 +316,18 @@ impl PgStore {
     /// Connects, creates or upgrades the schema, and starts the writer, watch hub and lease
     /// sweeper.
     pub async fn connect(cfg: PgConfig) -> Result<Self> {
-        let pg: tokio_postgres::Config = cfg.url.parse().map_err(db)?;
-        let mgr = Manager::from_config(
-            pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(db)?;
+        let manager_config = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls = cfg.tls.as_ref().map(PgTls::connector).transpose()?;
+        let mgr = match &tls {
+            Some(connector) => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Manager::from_config(pg.clone(), connector.clone(), manager_config())
+            }
+            None => Manager::from_config(pg.clone(), NoTls, manager_config()),
+        };
         let pool = Pool::builder(mgr)
             .max_size(cfg.pool_size.max(2))
             .wait_timeout(Some(cfg.request_timeout))
@@ -349,7 +358,7 @@ impl PgStore {
         let (wtx, wrx) = mpsc::channel(4096);
         let (htx, hrx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(writer_task(pool.clone(), wrx));
-        let hub = tokio::spawn(hub_task(pg, pool.clone(), hrx));
+        let hub = tokio::spawn(hub_task(pg, tls, pool.clone(), hrx));
         let mut inner = Inner {
             pool,
             counts: CountCache::default(),
@@ -895,7 +904,34 @@ fn event_from(row: &Row) -> (Revision, Event) {
     )
 }
 
-async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::UnboundedReceiver<HubMsg>) {
+/// Polls a LISTEN connection, forwarding each notification's revision.
+fn spawn_listener<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    tx: mpsc::UnboundedSender<Option<Revision>>,
+) -> tokio::task::JoinHandle<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(n.payload().parse().ok());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+    })
+}
+
+async fn hub_task(
+    pg: tokio_postgres::Config,
+    tls: Option<tls::RustlsConnect>,
+    pool: Pool,
+    mut rx: mpsc::UnboundedReceiver<HubMsg>,
+) {
     let mut watchers: HashMap<u64, Watcher> = HashMap::new();
     let mut last: Option<Revision> = None;
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
@@ -903,23 +939,20 @@ async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::Unbounde
         // A dedicated connection for LISTEN, also used for the hub's reads (no pool waits on
         // the watch path). Notifications carry the committed revision.
         let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<Option<Revision>>();
-        let listener = match pg.connect(NoTls).await {
-            Ok((client, mut conn)) => {
-                // The driver owns the only sender: when the connection dies the channel
-                // closes and the hub reconnects.
-                let tx = notify_tx;
-                // The connection future carries the notifications; poll it for messages.
-                let driver = tokio::spawn(async move {
-                    loop {
-                        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                let _ = tx.send(n.payload().parse().ok());
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => break,
-                        }
-                    }
-                });
+        // The driver owns the only sender: when the connection dies the channel closes and
+        // the hub reconnects.
+        let connected = match &tls {
+            Some(connector) => match pg.connect(connector.clone()).await {
+                Ok((client, conn)) => Some((client, spawn_listener(conn, notify_tx))),
+                Err(_) => None,
+            },
+            None => match pg.connect(NoTls).await {
+                Ok((client, conn)) => Some((client, spawn_listener(conn, notify_tx))),
+                Err(_) => None,
+            },
+        };
+        let listener = match connected {
+            Some((client, driver)) => {
                 if client
                     .batch_execute(&format!("LISTEN {CHANNEL}"))
                     .await
@@ -931,7 +964,7 @@ async fn hub_task(pg: tokio_postgres::Config, pool: Pool, mut rx: mpsc::Unbounde
                 }
                 Some((client, driver))
             }
-            Err(_) => None,
+            None => None,
         };
         if listener.is_none() {
             tokio::time::sleep(Duration::from_millis(500)).await;
