@@ -46,7 +46,9 @@ use crate::model::{
     RangeRequest, RangeResponse, RequestOp, ResponseOp, Revision, Status, TxnRequest, TxnResponse,
     WatchBatch, WatchRequest,
 };
-use crate::sqllog::{HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id};
+use crate::sqllog::{
+    HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
+};
 use crate::store::{Datastore, WatchStream};
 
 /// The schema version this code writes.
@@ -866,22 +868,10 @@ impl SqliteStore {
             }),
         };
         if let Some((every, keep)) = auto {
-            // A weak handle: dropping the store ends the task.
             let weak = Arc::downgrade(&store.inner);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    let s = SqliteStore { inner };
-                    if let Ok((current, compacted)) = s.meta().await {
-                        let target = current - keep.max(1);
-                        if target > compacted {
-                            let _ = s.compact(target).await;
-                        }
-                    }
-                }
+            spawn_auto_compaction(every, keep, move || {
+                weak.upgrade()
+                    .map(|inner| Arc::new(SqliteStore { inner }) as Arc<dyn Datastore>)
             });
         }
         Ok(store)

@@ -94,3 +94,27 @@ pub(crate) fn next_watch_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Compacts `store()` every `every`, keeping the last `keep` revisions, until `store()` is
+/// gone (the closure holds a weak handle, so dropping the store ends the task).
+pub(crate) fn spawn_auto_compaction(
+    every: std::time::Duration,
+    keep: Revision,
+    store: impl Fn() -> Option<std::sync::Arc<dyn crate::store::Datastore>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(s) = store() else { return };
+            if let Ok(st) = s.status().await {
+                let target = st.revision - keep.max(1);
+                if target > st.compact_revision {
+                    // Another process may have compacted first: Compacted is fine.
+                    let _ = s.compact(target).await;
+                }
+            }
+        }
+    });
+}

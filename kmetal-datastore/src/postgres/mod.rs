@@ -38,7 +38,9 @@ use crate::model::{
     RangeRequest, RangeResponse, RequestOp, ResponseOp, Revision, Status, TxnRequest, TxnResponse,
     WatchBatch, WatchRequest,
 };
-use crate::sqllog::{HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id};
+use crate::sqllog::{
+    HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
+};
 use crate::store::{Datastore, WatchStream};
 
 /// How to reach the database and how the store behaves.
@@ -378,23 +380,10 @@ impl PgStore {
             inner: Arc::new(inner),
         };
         if let Some((every, keep)) = auto {
-            // The task holds a weak handle: dropping the store ends it.
             let weak = Arc::downgrade(&store.inner);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    let s = PgStore { inner };
-                    if let Ok((current, compacted)) = s.meta().await {
-                        let target = current - keep.max(1);
-                        if target > compacted {
-                            // Another process may have compacted first: Compacted is fine.
-                            let _ = s.compact(target).await;
-                        }
-                    }
-                }
+            spawn_auto_compaction(every, keep, move || {
+                weak.upgrade()
+                    .map(|inner| Arc::new(PgStore { inner }) as Arc<dyn Datastore>)
             });
         }
         Ok(store)
