@@ -22,12 +22,14 @@
 //! - [`provision`]: the [`Provisioner`] trait, [`TenantSlice`](provision::TenantSlice) and
 //!   name checks shared by every driver.
 //!
-//! Still to come (see the open issues): the etcd v3 gateway.
+//! - [`gateway`] (feature `gateway`, default): etcd's v3 gRPC API over any driver.
 
 pub mod backup;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "gateway")]
+pub mod gateway;
 pub mod memory;
 pub mod migrate;
 pub mod model;

@@ -1,0 +1,179 @@
+//! The etcd v3 gateway: etcd's gRPC API (KV, Watch, Lease, Maintenance.Status/Alarm,
+//! Cluster.MemberList) over any [`Datastore`], wire-compatible with etcd's protos, so a real
+//! kube-apiserver, `etcdctl` or any etcd client runs on memory, SQLite, PostgreSQL or etcd.
+//!
+//! Errors carry etcd's gRPC codes and `etcdserver: …` messages, so clients react as they do
+//! to etcd (retry on unavailable, relist on compacted). Services etcd has and the gateway
+//! does not implement answer `Unimplemented` at once.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use kmetal_datastore::MemoryStore;
+//! use kmetal_datastore::gateway::{Gateway, Listen};
+//! let gateway = Gateway::new(Arc::new(MemoryStore::new()));
+//! gateway.serve(Listen::Tcp("127.0.0.1:2379".parse()?), None, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+mod convert;
+mod services;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use etcd_client::proto::{
+    PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbWatchServer,
+};
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+
+use crate::store::Datastore;
+use convert::Identity;
+use services::Backend;
+
+/// Where the gateway listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path (removed first if it exists), how a hosted control plane wires the
+    /// gateway next to its api-server.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = std::net::AddrParseError;
+
+    /// `host:port` or `unix:///path`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("unix://") {
+            Some(path) => Ok(Self::Unix(PathBuf::from(path))),
+            None => s.parse().map(Self::Tcp),
+        }
+    }
+}
+
+/// TLS for the TCP listener: the serving certificate and, for mTLS, the CA client
+/// certificates must chain to (from the tenant's PKI).
+#[derive(Clone)]
+pub struct GatewayTls {
+    /// Serving certificate, PEM.
+    pub cert_pem: String,
+    /// Its key, PEM.
+    pub key_pem: String,
+    /// Require client certificates signed by this CA (PEM).
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for GatewayTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayTls")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the gateway could not serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// Binding the listener failed.
+    #[error("cannot listen on {listen}")]
+    Bind {
+        /// The address.
+        listen: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed (TLS setup or transport).
+    #[error("the gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// The gateway for one tenant's store.
+#[derive(Clone)]
+pub struct Gateway {
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway over `store`.
+    pub fn new(store: Arc<dyn Datastore>) -> Self {
+        Self {
+            backend: Backend {
+                store,
+                id: Identity {
+                    cluster_id: 0x6b6d_6574_616c_0001,
+                    member_id: 0x6b6d_6574_616c_0002,
+                },
+                client_urls: Vec::new(),
+            },
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets open requests finish.
+    pub async fn serve(
+        self,
+        listen: Listen,
+        tls: Option<GatewayTls>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
+        let mut backend = self.backend;
+        backend.client_urls = vec![match &listen {
+            Listen::Tcp(a) => format!("{}://{a}", if tls.is_some() { "https" } else { "http" }),
+            Listen::Unix(p) => format!("unix://{}", p.display()),
+        }];
+        let mut server = Server::builder();
+        if let Some(t) = &tls {
+            let mut cfg =
+                ServerTlsConfig::new().identity(TlsIdentity::from_pem(&t.cert_pem, &t.key_pem));
+            if let Some(ca) = &t.client_ca_pem {
+                cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+            }
+            server = server.tls_config(cfg).map_err(GatewayError::Serve)?;
+        }
+        let router = server
+            .add_service(PbKvServer::new(backend.clone()).max_decoding_message_size(4 << 20))
+            .add_service(PbWatchServer::new(backend.clone()))
+            .add_service(PbLeaseServer::new(backend.clone()))
+            .add_service(PbMaintenanceServer::new(backend.clone()))
+            .add_service(PbClusterServer::new(backend));
+        match listen {
+            Listen::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::Bind {
+                        listen: addr.to_string(),
+                        source,
+                    })?;
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+                    .map_err(GatewayError::Serve)
+            }
+            Listen::Unix(path) => {
+                let _ = std::fs::remove_file(&path);
+                let listener =
+                    tokio::net::UnixListener::bind(&path).map_err(|source| GatewayError::Bind {
+                        listen: path.display().to_string(),
+                        source,
+                    })?;
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+                    .map_err(GatewayError::Serve)
+            }
+        }
+    }
+}
