@@ -39,7 +39,8 @@ pub enum Listen {
     /// A TCP address.
     Tcp(SocketAddr),
     /// A unix socket path (removed first if it exists), how a hosted control plane wires the
-    /// gateway next to its api-server.
+    /// gateway next to its api-server. etcd clients from 3.5 on (kube-apiserver's) dial it
+    /// fine; etcdctl 3.4 sends the socket path as HTTP/2 `:authority`, which is refused.
     Unix(PathBuf),
 }
 
