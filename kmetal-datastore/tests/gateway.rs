@@ -115,14 +115,40 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcdctl_drives_the_gateway() {
+async fn etcdctl_drives_the_gateway_on_each_driver() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Datastore> = Arc::new(
-        SqliteStore::open(SqliteConfig::new(dir.path().join("ctl.db")))
-            .await
-            .unwrap(),
-    );
-    let ep = serve(store).await;
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    pg.create_database("ctl").await.unwrap();
+    let stores: Vec<(&str, Arc<dyn Datastore>)> = vec![
+        ("memory", Arc::new(MemoryStore::new())),
+        (
+            "sqlite",
+            Arc::new(
+                SqliteStore::open(SqliteConfig::new(dir.path().join("ctl.db")))
+                    .await
+                    .unwrap(),
+            ),
+        ),
+        (
+            "postgres",
+            Arc::new(
+                PgStore::connect(PgConfig::new(pg.conninfo("ctl")))
+                    .await
+                    .unwrap(),
+            ),
+        ),
+    ];
+    for (name, store) in stores {
+        eprintln!("etcdctl against the gateway on {name}");
+        etcdctl_script(serve(store).await).await;
+    }
+}
+
+async fn etcdctl_script(ep: String) {
     let ok = |r: (bool, String)| {
         assert!(r.0, "{}", r.1);
         r.1

@@ -156,7 +156,16 @@ impl Gateway {
                         listen: addr.to_string(),
                         source,
                     })?;
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                // Without TCP_NODELAY small responses wait out Nagle against delayed ACKs:
+                // ~40 ms per watch event or list page.
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |conn| {
+                        conn.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    },
+                );
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await

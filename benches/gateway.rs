@@ -1,0 +1,105 @@
+//! The etcd v3 gateway against a real single-member etcd, the same client (etcd-client
+//! through our etcd driver) for both, same machine, same run (issue 6 targets):
+//! - gateway on memory: put throughput (32 clients) ≥ 1.0× etcd;
+//! - gateway on PostgreSQL: put throughput (32 clients) ≥ 0.5× etcd;
+//! - paginated range and watch latency reported for both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{fill_n, list_n, put_throughput, watch_latency};
+use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
+use kmetal::datastore::gateway::{Gateway, Listen};
+use kmetal::datastore::postgres::{PgConfig, PgStore};
+use kmetal::datastore::{Datastore, MemoryStore};
+use kmetal_testkit::ports::free_port;
+use kmetal_testkit::{EtcdCluster, EtcdOptions, PostgresOptions, PostgresServer};
+
+const KEYS: usize = 20_000;
+
+async fn client(endpoint: String) -> Arc<dyn Datastore> {
+    let cfg = EtcdConfig::new([endpoint]).with_request_timeout(Duration::from_secs(30));
+    Arc::new(EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap())
+}
+
+async fn gateway(store: Arc<dyn Datastore>) -> String {
+    let port = free_port().unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    tokio::spawn(Gateway::new(store).serve(Listen::Tcp(addr), None, std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    format!("http://127.0.0.1:{port}")
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+        let pg = PostgresServer::start(PostgresOptions::default()).unwrap();
+        pg.create_database("gw").await.unwrap();
+        let direct = client(etcd.endpoint(0).unwrap()).await;
+        let on_memory = client(gateway(Arc::new(MemoryStore::new())).await).await;
+        let pg_store: Arc<dyn Datastore> = Arc::new(
+            PgStore::connect(PgConfig::new(pg.conninfo("gw")))
+                .await
+                .unwrap(),
+        );
+        let on_pg = client(gateway(pg_store).await).await;
+        let subjects = [
+            ("etcd", &direct),
+            ("gateway+memory", &on_memory),
+            ("gateway+postgres", &on_pg),
+        ];
+
+        let per = if quick { 5 } else { 150 };
+        for (_, s) in &subjects {
+            put_throughput((*s).clone(), 5).await;
+        }
+        let mut tp = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..if quick { 1 } else { 3 } {
+            for (i, (_, s)) in subjects.iter().enumerate() {
+                tp[i].push(put_throughput((*s).clone(), per).await);
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let tp: Vec<f64> = tp.iter_mut().map(med).collect();
+        println!("put, 32 clients, 1 KiB (median of rounds):");
+        for (i, (name, _)) in subjects.iter().enumerate() {
+            println!("  {name:<18} {:>8.0}/s  {:.2}x etcd", tp[i], tp[i] / tp[0]);
+        }
+
+        let n = if quick { 10 } else { 300 };
+        println!("watch latency write -> event:");
+        for (name, s) in &subjects {
+            let (p50, p99) = watch_latency((*s).clone(), (*s).clone(), n).await;
+            println!("  {name:<18} p50 {p50:.2} ms  p99 {p99:.2} ms");
+        }
+
+        if !quick {
+            println!("list {KEYS} keys by 500:");
+            let mut base = 0.0;
+            for (name, s) in &subjects {
+                fill_n(s, KEYS).await;
+                let t = list_n(s, KEYS).await.min(list_n(s, KEYS).await);
+                if base == 0.0 {
+                    base = t.as_secs_f64();
+                }
+                println!(
+                    "  {name:<18} {t:>10.2?}  {:.2}x etcd's time",
+                    t.as_secs_f64() / base
+                );
+            }
+        }
+    });
+}
