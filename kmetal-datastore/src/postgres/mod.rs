@@ -702,17 +702,18 @@ async fn live(tx: &Tx<'_>, name: &[u8]) -> std::result::Result<Option<KeyValue>,
 
 /// Writes one put at `rev` and moves `kmetal_current`, in one statement.
 const PUT: &str = "WITH prev AS (
-        SELECT k.create_revision, k.version FROM kmetal_current c
-        JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev WHERE c.name = $2),
+        SELECT rev, create_revision, version FROM kmetal_current WHERE name = $2),
     ins AS (
         INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version, deleted, lease, value)
         SELECT $1, $2, COALESCE(p.create_revision, $1),
-            COALESCE((SELECT rev FROM kmetal_kv WHERE name = $2 ORDER BY rev DESC LIMIT 1), 0),
+            COALESCE(p.rev, (SELECT rev FROM kmetal_kv WHERE name = $2 ORDER BY rev DESC LIMIT 1), 0),
             COALESCE(p.version, 0) + 1, false, $3, $4
         FROM (SELECT 1) one LEFT JOIN prev p ON true
-        RETURNING rev)
-    INSERT INTO kmetal_current (name, rev) SELECT $2, rev FROM ins
-    ON CONFLICT (name) DO UPDATE SET rev = EXCLUDED.rev";
+        RETURNING rev, create_revision, version)
+    INSERT INTO kmetal_current (name, rev, create_revision, version)
+    SELECT $2, rev, create_revision, version FROM ins
+    ON CONFLICT (name) DO UPDATE SET rev = EXCLUDED.rev,
+        create_revision = EXCLUDED.create_revision, version = EXCLUDED.version";
 
 async fn put(
     tx: &Tx<'_>,

@@ -8,8 +8,9 @@
 //!   bytes). The unique `(name, rev DESC)` index serves reads at past revisions (newest row
 //!   per key first, no sort); `rev` feeds watches; the unique `(name, prev_revision)` is
 //!   kine's optimistic-concurrency guard.
-//! - `kmetal_current`: each live key and its latest revision, maintained by the writer in the
-//!   same transaction. Reads at the current revision (almost all of them, and every page of
+//! - `kmetal_current`: each live key with its latest revision, create revision and version,
+//!   maintained by the writer in the same transaction (a put reads its predecessor from one
+//!   row). Reads at the current revision (almost all of them, and every page of
 //!   a list nobody wrote into meanwhile) and counts are plain index range scans on it, which
 //!   is what makes kine's list and count slow on large tables fast here.
 //! - `kmetal_lease`: leases with their expiry time, so expiry survives restarts.
@@ -44,7 +45,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS kmetal_kv_name_prev ON kmetal_kv (name, prev_r
 CREATE INDEX IF NOT EXISTS kmetal_kv_lease ON kmetal_kv (lease) WHERE lease <> 0;
 CREATE TABLE IF NOT EXISTS kmetal_current (
     name BYTEA PRIMARY KEY,
-    rev BIGINT NOT NULL
+    rev BIGINT NOT NULL,
+    create_revision BIGINT NOT NULL,
+    version BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kmetal_lease (
     id BIGINT PRIMARY KEY,
