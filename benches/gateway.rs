@@ -63,20 +63,27 @@ fn main() {
         for (_, s) in &subjects {
             put_throughput((*s).clone(), 5).await;
         }
+        // Rounds run every subject back to back; each round's ratio pairs measurements taken
+        // under the same conditions, and the median ratio is the headline.
+        let rounds = if quick { 1 } else { 5 };
         let mut tp = [Vec::new(), Vec::new(), Vec::new()];
-        for _ in 0..if quick { 1 } else { 3 } {
+        for _ in 0..rounds {
             for (i, (_, s)) in subjects.iter().enumerate() {
                 tp[i].push(put_throughput((*s).clone(), per).await);
             }
         }
-        let med = |v: &mut Vec<f64>| {
+        let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let tp: Vec<f64> = tp.iter_mut().map(med).collect();
-        println!("put, 32 clients, 1 KiB (median of rounds):");
+        println!("put, 32 clients, 1 KiB (median of {rounds} interleaved rounds):");
         for (i, (name, _)) in subjects.iter().enumerate() {
-            println!("  {name:<18} {:>8.0}/s  {:.2}x etcd", tp[i], tp[i] / tp[0]);
+            let ratios: Vec<f64> = tp[i].iter().zip(&tp[0]).map(|(x, e)| x / e).collect();
+            println!(
+                "  {name:<18} {:>8.0}/s  {:.2}x etcd",
+                median(tp[i].clone()),
+                median(ratios)
+            );
         }
 
         let n = if quick { 10 } else { 300 };

@@ -364,3 +364,48 @@ async fn leases_expire_across_a_process_restart() {
     }
     assert!(s.leases().await.unwrap().is_empty());
 }
+
+/// Many concurrent puts to one key land in the same batches: every put gets its own
+/// revision and the version counts them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_to_one_key_each_count() {
+    use kmetal_datastore::model::{PutRequest, RangeRequest};
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    create_db(&pg, "hot").await;
+    let s = PgStore::connect(PgConfig::new(pg.conninfo("hot")))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in 0..10 {
+                let r = s
+                    .put(PutRequest::new("/hot", format!("{t}-{i}")))
+                    .await
+                    .unwrap();
+                // Another key in the same batches, too.
+                s.put(PutRequest::new(format!("/cold/{t}/{i}"), "x"))
+                    .await
+                    .unwrap();
+                revs.push(r.revision);
+            }
+            revs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 320, "every put has its own revision");
+    let kv = s.range(RangeRequest::get("/hot")).await.unwrap().kvs[0].clone();
+    assert_eq!(kv.version, 320);
+    assert_eq!(kv.mod_revision, *all.last().unwrap());
+}

@@ -507,27 +507,31 @@ async fn run_batch(
     };
     let start = meta.revision;
     let mut results = Vec::with_capacity(ops.len());
-    let put_stmt = tx.prepare_cached(PUT).await?;
+    let put_many = tx.prepare_cached(PUT_MANY).await?;
     let mut i = 0;
     while i < ops.len() {
-        // Puts without a lease or prev_kv cannot fail on their own: send them pipelined (one
-        // round trip for the group, statements still applied in order) and skip savepoints.
+        // Puts without a lease or prev_kv cannot fail on their own: a run of them with
+        // distinct keys is one multi-row statement (revisions in order), no savepoints.
         let simple = |op: &Op| matches!(op, Op::Put(p) if p.lease == 0 && !p.prev_kv);
         if simple(ops[i]) {
             let mut j = i;
-            let mut pending = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let (mut revs, mut names, mut leases, mut values) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             while j < ops.len() && simple(ops[j]) {
-                if let Op::Put(p) = ops[j] {
-                    let rev = meta.revision + 1 + (j - i) as i64;
-                    let (stmt, tx) = (&put_stmt, &tx);
-                    pending.push(async move {
-                        tx.execute(stmt, &[&rev, &p.key.as_ref(), &p.lease, &p.value.as_ref()])
-                            .await
-                    });
+                let Op::Put(p) = ops[j] else { break };
+                // A repeated key waits for the next statement: upserts touch a row once.
+                if !seen.insert(p.key.clone()) {
+                    break;
                 }
+                revs.push(meta.revision + 1 + (j - i) as i64);
+                names.push(p.key.to_vec());
+                leases.push(p.lease);
+                values.push(p.value.to_vec());
                 j += 1;
             }
-            futures_util::future::try_join_all(pending).await?;
+            tx.execute(&put_many, &[&revs, &names, &leases, &values])
+                .await?;
             for _ in i..j {
                 meta.revision += 1;
                 results.push(Ok(Done::Put(PutResponse {
@@ -555,18 +559,26 @@ async fn run_batch(
         }
         i += 1;
     }
-    tx.execute(
-        "UPDATE kmetal_meta SET revision = $1, compact_revision = $2, next_lease = $3 WHERE id = 1",
-        &[&meta.revision, &meta.compact, &meta.next_lease],
-    )
-    .await?;
-    if meta.revision != start {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &meta.revision.to_string()],
+    // One round trip: move the meta row and, if anything was written, notify watchers
+    // (delivered at commit).
+    let stmt = tx
+        .prepare_cached(
+            "WITH u AS (UPDATE kmetal_meta SET revision = $1, compact_revision = $2, next_lease = $3
+                        WHERE id = 1 RETURNING revision)
+             SELECT pg_notify($4, revision::text) FROM u WHERE revision <> $5",
         )
         .await?;
-    }
+    tx.query(
+        &stmt,
+        &[
+            &meta.revision,
+            &meta.compact,
+            &meta.next_lease,
+            &CHANNEL,
+            &start,
+        ],
+    )
+    .await?;
     tx.commit().await?;
     Ok(results)
 }
@@ -712,6 +724,22 @@ const PUT: &str = "WITH prev AS (
         RETURNING rev, create_revision, version)
     INSERT INTO kmetal_current (name, rev, create_revision, version)
     SELECT $2, rev, create_revision, version FROM ins
+    ON CONFLICT (name) DO UPDATE SET rev = EXCLUDED.rev,
+        create_revision = EXCLUDED.create_revision, version = EXCLUDED.version";
+
+/// [`PUT`] for many keys (distinct) at consecutive revisions, from parallel arrays.
+const PUT_MANY: &str = "WITH input AS (
+        SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[])
+            AS t(rev, name, lease, value)),
+    ins AS (
+        INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version, deleted, lease, value)
+        SELECT i.rev, i.name, COALESCE(c.create_revision, i.rev),
+            COALESCE(c.rev, (SELECT k.rev FROM kmetal_kv k WHERE k.name = i.name ORDER BY k.rev DESC LIMIT 1), 0),
+            COALESCE(c.version, 0) + 1, false, i.lease, i.value
+        FROM input i LEFT JOIN kmetal_current c ON c.name = i.name
+        RETURNING rev, name, create_revision, version)
+    INSERT INTO kmetal_current (name, rev, create_revision, version)
+    SELECT name, rev, create_revision, version FROM ins
     ON CONFLICT (name) DO UPDATE SET rev = EXCLUDED.rev,
         create_revision = EXCLUDED.create_revision, version = EXCLUDED.version";
 
