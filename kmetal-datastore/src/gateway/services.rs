@@ -39,6 +39,13 @@ pub(crate) struct Backend {
     pub(crate) client_urls: Vec<String>,
 }
 
+impl Backend {
+    /// The store's current revision for a response header (0 if the store cannot say).
+    async fn revision(&self) -> i64 {
+        self.store.status().await.map(|s| s.revision).unwrap_or(0)
+    }
+}
+
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn unimplemented(what: &str) -> Status {
@@ -286,7 +293,7 @@ impl PbLeaseService for Backend {
     ) -> Result<Response<PbLeaseGrantResponse>, Status> {
         let r = req.into_inner();
         let g = self.store.lease_grant(r.ttl, r.id).await.map_err(status)?;
-        let rev = self.store.status().await.map(|s| s.revision).unwrap_or(0);
+        let rev = self.revision().await;
         Ok(Response::new(PbLeaseGrantResponse {
             header: self.id.header(rev),
             id: g.id,
@@ -355,7 +362,7 @@ impl PbLeaseService for Backend {
         req: Request<PbLeaseTimeToLiveRequest>,
     ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
         let r = req.into_inner();
-        let rev = self.store.status().await.map(|s| s.revision).unwrap_or(0);
+        let rev = self.revision().await;
         let resp = match self.store.lease_time_to_live(r.id, r.keys).await {
             Ok(info) => PbLeaseTimeToLiveResponse {
                 header: self.id.header(rev),
@@ -382,7 +389,7 @@ impl PbLeaseService for Backend {
         _: Request<PbLeaseLeasesRequest>,
     ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
         let ids = self.store.leases().await.map_err(status)?;
-        let rev = self.store.status().await.map(|s| s.revision).unwrap_or(0);
+        let rev = self.revision().await;
         Ok(Response::new(PbLeaseLeasesResponse {
             header: self.id.header(rev),
             leases: ids.into_iter().map(|id| PbLeaseStatus { id }).collect(),
@@ -397,7 +404,7 @@ pub(crate) const VERSION: &str = "3.5.17";
 #[tonic::async_trait]
 impl PbMaintenanceService for Backend {
     async fn alarm(&self, _: Request<PbAlarmRequest>) -> Result<Response<PbAlarmResponse>, Status> {
-        let rev = self.store.status().await.map(|s| s.revision).unwrap_or(0);
+        let rev = self.revision().await;
         Ok(Response::new(PbAlarmResponse {
             header: self.id.header(rev),
             alarms: Vec::new(),
@@ -497,7 +504,7 @@ impl PbClusterService for Backend {
         &self,
         _: Request<PbMemberListRequest>,
     ) -> Result<Response<PbMemberListResponse>, Status> {
-        let rev = self.store.status().await.map(|s| s.revision).unwrap_or(0);
+        let rev = self.revision().await;
         Ok(Response::new(PbMemberListResponse {
             header: self.id.header(rev),
             members: vec![PbMember {
