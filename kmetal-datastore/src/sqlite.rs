@@ -47,7 +47,7 @@ use crate::model::{
     WatchBatch, WatchRequest,
 };
 use crate::sqllog::{
-    HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
+    HubMsg, Meta, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
 };
 use crate::store::{Datastore, WatchStream};
 
@@ -209,12 +209,6 @@ impl From<DatastoreError> for Fail {
     fn from(e: DatastoreError) -> Self {
         Fail::Request(e)
     }
-}
-
-struct Meta {
-    revision: Revision,
-    compact: Revision,
-    next_lease: LeaseId,
 }
 
 const KV_COLS: &str = "k.name, k.rev, k.create_revision, k.version, k.lease, k.value";
@@ -469,26 +463,7 @@ fn apply(c: &Connection, op: &Op, meta: &mut Meta) -> std::result::Result<Done, 
                 ..r
             }))
         }
-        Op::Compact(at) => {
-            if *at <= meta.compact {
-                return Err(DatastoreError::Compacted {
-                    requested: *at,
-                    compacted: meta.compact,
-                }
-                .into());
-            }
-            if *at > meta.revision {
-                return Err(DatastoreError::FutureRevision {
-                    requested: *at,
-                    current: meta.revision,
-                }
-                .into());
-            }
-            meta.compact = *at;
-            Ok(Done::Compact(CompactResponse {
-                revision: meta.revision,
-            }))
-        }
+        Op::Compact(at) => Ok(Done::Compact(meta.compact_to(*at)?)),
         Op::CompactBatch(upto, n) => {
             let deleted = c
                 .prepare_cached(
@@ -501,13 +476,7 @@ fn apply(c: &Connection, op: &Op, meta: &mut Meta) -> std::result::Result<Done, 
             Ok(Done::Deleted(deleted))
         }
         Op::LeaseGrant { ttl, id } => {
-            let id = if *id == 0 {
-                let next = meta.next_lease.max(1);
-                meta.next_lease = next + 1;
-                next
-            } else {
-                *id
-            };
+            let id = meta.lease_id(*id);
             let n = c
                 .prepare_cached(
                     "INSERT INTO kmetal_lease (id, ttl, expires_at_ms) VALUES (?1, ?2, ?3)

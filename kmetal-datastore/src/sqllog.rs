@@ -3,8 +3,49 @@
 
 use tokio::sync::mpsc;
 
-use crate::error::Result;
-use crate::model::{Event, EventKind, KeyRange, Revision, WatchBatch};
+use crate::error::{DatastoreError, Result};
+use crate::model::{CompactResponse, Event, EventKind, KeyRange, LeaseId, Revision, WatchBatch};
+
+/// The `kmetal_meta` row a writer holds while applying a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) revision: Revision,
+    pub(crate) compact: Revision,
+    pub(crate) next_lease: LeaseId,
+}
+
+impl Meta {
+    /// Moves the compaction revision to `at`, with etcd's errors for a compacted or future
+    /// revision.
+    pub(crate) fn compact_to(&mut self, at: Revision) -> Result<CompactResponse> {
+        if at <= self.compact {
+            return Err(DatastoreError::Compacted {
+                requested: at,
+                compacted: self.compact,
+            });
+        }
+        if at > self.revision {
+            return Err(DatastoreError::FutureRevision {
+                requested: at,
+                current: self.revision,
+            });
+        }
+        self.compact = at;
+        Ok(CompactResponse {
+            revision: self.revision,
+        })
+    }
+
+    /// The id of a new lease: the requested one, or the next free counter value for 0.
+    pub(crate) fn lease_id(&mut self, requested: LeaseId) -> LeaseId {
+        if requested != 0 {
+            return requested;
+        }
+        let next = self.next_lease.max(1);
+        self.next_lease = next + 1;
+        next
+    }
+}
 
 /// Bounds of a key range as SQL parameters: (from, to) with `to` None = unbounded; a single
 /// key is (key, key + "\0").

@@ -39,7 +39,7 @@ use crate::model::{
     WatchBatch, WatchRequest,
 };
 use crate::sqllog::{
-    HubMsg, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
+    HubMsg, Meta, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
 };
 use crate::store::{Datastore, WatchStream};
 
@@ -482,12 +482,6 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-struct Meta {
-    revision: Revision,
-    compact: Revision,
-    next_lease: LeaseId,
-}
-
 async fn run_batch(
     pool: &Pool,
     ops: &[&Op],
@@ -620,34 +614,9 @@ async fn apply(tx: &Tx<'_>, op: &Op, meta: &mut Meta) -> std::result::Result<Don
                 ..r
             }))
         }
-        Op::Compact(at) => {
-            if *at <= meta.compact {
-                return Err(DatastoreError::Compacted {
-                    requested: *at,
-                    compacted: meta.compact,
-                }
-                .into());
-            }
-            if *at > meta.revision {
-                return Err(DatastoreError::FutureRevision {
-                    requested: *at,
-                    current: meta.revision,
-                }
-                .into());
-            }
-            meta.compact = *at;
-            Ok(Done::Compact(CompactResponse {
-                revision: meta.revision,
-            }))
-        }
+        Op::Compact(at) => Ok(Done::Compact(meta.compact_to(*at)?)),
         Op::LeaseGrant { ttl, id } => {
-            let id = if *id == 0 {
-                let next = meta.next_lease.max(1);
-                meta.next_lease = next + 1;
-                next
-            } else {
-                *id
-            };
+            let id = meta.lease_id(*id);
             let n = tx
                 .execute(
                     "INSERT INTO kmetal_lease (id, ttl, expires_at) VALUES ($1, $2::bigint, now() + make_interval(secs => $2::bigint::float8))
