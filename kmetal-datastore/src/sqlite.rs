@@ -177,6 +177,7 @@ enum Op {
     CompactBatch(Revision, i64),
     LeaseGrant { ttl: i64, id: LeaseId },
     LeaseRevoke(LeaseId),
+    LeaseKeepAlive(LeaseId),
 }
 
 enum Done {
@@ -187,6 +188,7 @@ enum Done {
     Deleted(usize),
     LeaseGrant(LeaseGrant),
     LeaseRevoke(Revision),
+    LeaseTtl(i64),
 }
 
 struct Job {
@@ -491,6 +493,18 @@ fn apply(c: &Connection, op: &Op, meta: &mut Meta) -> std::result::Result<Done, 
                 return Err(DatastoreError::LeaseExists { id }.into());
             }
             Ok(Done::LeaseGrant(LeaseGrant { id, ttl: *ttl }))
+        }
+        Op::LeaseKeepAlive(id) => {
+            let now = now_ms();
+            let ttl: Option<i64> = c
+                .prepare_cached(
+                    "UPDATE kmetal_lease SET expires_at_ms = ?2 + ttl * 1000
+                     WHERE id = ?1 AND expires_at_ms > ?2 RETURNING ttl",
+                )?
+                .query_row(params![id, now], |r| r.get(0))
+                .optional()?;
+            ttl.map(Done::LeaseTtl)
+                .ok_or(Fail::Request(DatastoreError::LeaseNotFound { id: *id }))
         }
         Op::LeaseRevoke(id) => {
             let n = c
@@ -1025,24 +1039,11 @@ impl Datastore for SqliteStore {
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
-        // A single-row update: SQLite serialises it with the writer on its own.
-        let path = self.inner.cfg.path.clone();
-        let now = now_ms();
-        let ttl: Option<i64> =
-            tokio::task::spawn_blocking(move || -> rusqlite::Result<Option<i64>> {
-                let c = open(&path)?;
-                c.query_row(
-                    "UPDATE kmetal_lease SET expires_at_ms = ?2 + ttl * 1000
-                 WHERE id = ?1 AND expires_at_ms > ?2 RETURNING ttl",
-                    params![id, now],
-                    |r| r.get(0),
-                )
-                .optional()
-            })
-            .await
-            .map_err(db)?
-            .map_err(db)?;
-        ttl.ok_or(DatastoreError::LeaseNotFound { id })
+        // Through the writer: SQLite has one writer, and the write connection is open already.
+        match self.write(Op::LeaseKeepAlive(id)).await? {
+            Done::LeaseTtl(ttl) => Ok(ttl),
+            _ => Err(wrong_kind()),
+        }
     }
 
     async fn lease_time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
