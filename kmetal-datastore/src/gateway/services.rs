@@ -41,8 +41,14 @@ pub(crate) struct Backend {
 
 impl Backend {
     /// The store's current revision for a response header (0 if the store cannot say).
+    /// A count-only read of one key: `status()` would also size the database (a directory
+    /// walk on PostgreSQL, extra probes on etcd) on every keep-alive and watch creation.
     async fn revision(&self) -> i64 {
-        self.store.status().await.map(|s| s.revision).unwrap_or(0)
+        self.store
+            .range(RangeRequest::get(Bytes::from_static(b"\0")).count_only())
+            .await
+            .map(|r| r.revision)
+            .unwrap_or(0)
     }
 }
 
