@@ -11,10 +11,6 @@ use kmetal_datastore::Datastore;
 use kmetal_datastore::postgres::{PgConfig, PgStore};
 use kmetal_testkit::{PostgresOptions, PostgresServer};
 
-async fn create_db(pg: &PostgresServer, name: &str) {
-    pg.create_database(name).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_driver_conforms() {
     let pg = PostgresServer::start(PostgresOptions {
@@ -27,7 +23,7 @@ async fn postgres_driver_conforms() {
     kmetal_testkit::conformance::run("postgres", || {
         let name = format!("conf{}", n.fetch_add(1, Ordering::Relaxed));
         async move {
-            create_db(pg, &name).await;
+            pg.create_database(&name).await.unwrap();
             let mut cfg = PgConfig::new(pg.conninfo(&name));
             cfg.request_timeout = Duration::from_secs(10);
             Arc::new(PgStore::connect(cfg).await.unwrap()) as Arc<dyn Datastore>
@@ -46,7 +42,7 @@ async fn watchers_on_two_stores_see_every_revision_once() {
         ..PostgresOptions::default()
     })
     .unwrap();
-    create_db(&pg, "shared").await;
+    pg.create_database("shared").await.unwrap();
     let a = PgStore::connect(PgConfig::new(pg.conninfo("shared")))
         .await
         .unwrap();
@@ -98,7 +94,7 @@ async fn postgres_restart_mid_load_loses_nothing() {
     use kmetal_datastore::DatastoreError;
     use kmetal_datastore::model::{PutRequest, RangeRequest, WatchRequest};
     let mut pg = PostgresServer::start(PostgresOptions::default()).unwrap();
-    create_db(&pg, "faults").await;
+    pg.create_database("faults").await.unwrap();
     let mut cfg = PgConfig::new(pg.conninfo("faults"));
     cfg.request_timeout = Duration::from_secs(3);
     let s = PgStore::connect(cfg).await.unwrap();
@@ -235,41 +231,16 @@ async fn provisioned_tenants_are_isolated() {
 /// Automatic compaction on an interval keeps the last revisions and compacts the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_compaction_runs_on_its_interval() {
-    use kmetal_datastore::DatastoreError;
-    use kmetal_datastore::model::{PutRequest, RangeRequest};
     let pg = PostgresServer::start(PostgresOptions {
         fsync: false,
         ..PostgresOptions::default()
     })
     .unwrap();
-    create_db(&pg, "auto").await;
+    pg.create_database("auto").await.unwrap();
     let mut cfg = PgConfig::new(pg.conninfo("auto"));
     cfg.auto_compact = Some((Duration::from_millis(200), 5));
     let s = PgStore::connect(cfg).await.unwrap();
-    let first = s.put(PutRequest::new("/k", "0")).await.unwrap().revision;
-    for i in 1..30 {
-        s.put(PutRequest::new("/k", i.to_string())).await.unwrap();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = s.status().await.unwrap();
-        if st.compact_revision >= st.revision - 5 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no automatic compaction: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(matches!(
-        s.range(RangeRequest::get("/k").at_revision(first)).await,
-        Err(DatastoreError::Compacted { .. })
-    ));
-    assert_eq!(
-        s.range(RangeRequest::get("/k")).await.unwrap().kvs[0].value,
-        "29"
-    );
+    kmetal_testkit::conformance::automatic_compaction(&s, 5).await;
 }
 
 /// With TLS configured the store's connections are encrypted and the server certificate is
@@ -285,7 +256,7 @@ async fn tls_connections_are_encrypted_and_verified() {
         ..PostgresOptions::default()
     })
     .unwrap();
-    create_db(&pg, "secure").await;
+    pg.create_database("secure").await.unwrap();
     let mut cfg = PgConfig::new(pg.conninfo("secure"));
     cfg.tls = Some(PgTls {
         ca_pem: pg.ca_pem().unwrap().to_string(),
@@ -337,7 +308,7 @@ async fn leases_expire_across_a_process_restart() {
         ..PostgresOptions::default()
     })
     .unwrap();
-    create_db(&pg, "leases").await;
+    pg.create_database("leases").await.unwrap();
     {
         let s = PgStore::connect(PgConfig::new(pg.conninfo("leases")))
             .await
@@ -375,7 +346,7 @@ async fn concurrent_puts_to_one_key_each_count() {
         ..PostgresOptions::default()
     })
     .unwrap();
-    create_db(&pg, "hot").await;
+    pg.create_database("hot").await.unwrap();
     let s = PgStore::connect(PgConfig::new(pg.conninfo("hot")))
         .await
         .unwrap();

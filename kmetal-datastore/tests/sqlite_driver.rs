@@ -85,29 +85,9 @@ async fn two_stores_on_one_file_see_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_compaction_runs_on_its_interval() {
-    use kmetal_datastore::DatastoreError;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = SqliteConfig::new(dir.path().join("auto.db"));
     cfg.auto_compact = Some((Duration::from_millis(200), 5));
     let s = SqliteStore::open(cfg).await.unwrap();
-    let first = s.put(PutRequest::new("/k", "0")).await.unwrap().revision;
-    for i in 1..30 {
-        s.put(PutRequest::new("/k", i.to_string())).await.unwrap();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = s.status().await.unwrap();
-        if st.compact_revision >= st.revision - 5 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no automatic compaction: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(matches!(
-        s.range(RangeRequest::get("/k").at_revision(first)).await,
-        Err(DatastoreError::Compacted { .. })
-    ));
+    kmetal_testkit::conformance::automatic_compaction(&s, 5).await;
 }

@@ -106,6 +106,36 @@ pub async fn quota_exceeded(s: &dyn Datastore, quota: u64) {
     panic!("{written} writes of 512 KiB never exceeded a {quota}-byte quota");
 }
 
+/// A store configured to compact automatically keeping the last `keep` revisions does so
+/// within 10 s of 30 writes, and reads below the compaction fail (run separately: it needs a
+/// store built with automatic compaction).
+pub async fn automatic_compaction(s: &dyn Datastore, keep: i64) {
+    let first = s.put(PutRequest::new("/k", "0")).await.unwrap().revision;
+    for i in 1..30 {
+        s.put(PutRequest::new("/k", i.to_string())).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = s.status().await.unwrap();
+        if st.compact_revision >= st.revision - keep {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic compaction: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        s.range(RangeRequest::get("/k").at_revision(first)).await,
+        Err(DatastoreError::Compacted { .. })
+    ));
+    assert_eq!(
+        s.range(RangeRequest::get("/k")).await.unwrap().kvs[0].value,
+        "29"
+    );
+}
+
 /// The names of the checks [`run`] runs.
 pub fn check_names() -> Vec<&'static str> {
     CHECKS.iter().map(|(n, _)| *n).collect()
