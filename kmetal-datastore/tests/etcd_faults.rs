@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kmetal_datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
@@ -209,15 +209,22 @@ async fn watch_resumes_across_member_failures_without_gap_or_duplicate() {
         .await
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
     let writer = {
         let s = s.clone();
         let stop = stop.clone();
+        let acked = acked.clone();
         tokio::spawn(async move {
             let mut i = 1;
             while !stop.load(Ordering::Relaxed) {
                 // Each write is a new key, so the keys present afterwards are exactly the
                 // writes that were applied, acknowledged or not.
-                let _ = s.put(PutRequest::new(format!("/w/{i:04}"), "x")).await;
+                if s.put(PutRequest::new(format!("/w/{i:04}"), "x"))
+                    .await
+                    .is_ok()
+                {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -234,7 +241,12 @@ async fn watch_resumes_across_member_failures_without_gap_or_duplicate() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A loaded CI machine may spend most of the fault phase in timeouts; keep writing after
+    // the faults until the watch has something substantial to prove.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) <= 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
 
