@@ -1,9 +1,40 @@
-//! A Konnectivity-compatible reverse tunnel: workers dial out, the API server's traffic rides back.
+//! A Konnectivity-compatible reverse tunnel: workers dial out, the API server's traffic to
+//! kubelets, webhooks and pods rides back down that connection, so the worker side needs no
+//! inbound firewall rule.
 //!
 //! # Layout
-//! Filled in by the tunnel issue; the module map it grows into:
-//! - `proto`: Konnectivity's Packet protocol and stream metadata.
-//! - `server`: agent listener, frontends (gRPC and HTTP CONNECT), proxy strategies.
-//! - `agent`: dial-out, identifiers, server-count, reconnect and drain.
+//! - [`proto`]: Konnectivity's Packet protocol (generated from our own
+//!   `proto/konnectivity.proto` with upstream's field numbers), the typed [`Frame`] view and
+//!   the stream metadata ([`Identifiers`], server id and count, flow window).
+//! - [`server`]: [`Server`] — the mTLS agent listener, the frontends (gRPC `ProxyService` and
+//!   HTTP CONNECT on a unix socket, HTTP CONNECT on mTLS TCP) and the proxy [`Strategy`]s.
+//! - [`agent`]: [`Agent`] — dial-out, identifiers, server count, backoff, DRAIN.
+//! - [`client`]: [`ProxyClient`], a dialer for the gRPC frontend (konnectivity-client's role).
+//! - [`connect`]: HTTP CONNECT request parsing and responses.
+//! - [`tls`]: mTLS configurations from a tenant's [`kmetal_pki::Bundle`].
+//! - `link`, `conn` (private): the per-peer packet queue, and one tunneled connection with
+//!   its flow control and byte pump, shared by server and agent.
 //!
-//! Nothing is exported yet.
+//! ```
+//! use kmetal_tunnel::{Server, ServerConfig, Strategy};
+//! let mut config = ServerConfig::new("server-0", 2);
+//! config.strategies = Strategy::parse_list("destHost,default").unwrap();
+//! let server = Server::new(config);
+//! assert_eq!(server.stats().agents, 0);
+//! ```
+
+pub mod agent;
+pub mod client;
+mod conn;
+pub mod connect;
+mod link;
+pub mod proto;
+pub mod server;
+pub mod tls;
+
+pub use agent::{Agent, AgentConfig, AgentError, AgentStats};
+pub use client::{ClientError, ProxyClient};
+pub use proto::{Frame, Identifiers, PacketError};
+pub use server::{
+    AgentInfo, ConnectListener, DialError, Server, ServerConfig, ServerError, ServerStats, Strategy,
+};

@@ -1,0 +1,369 @@
+//! Server, agents and frontends over real sockets: routing, drain, restart, refusal, HA,
+//! keepalive, flow control and leak checks.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use kmetal_tunnel::{ProxyClient, tls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Every frontend reaches a backend through the agent: mTLS CONNECT, unix CONNECT, gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frontend_reaches_the_backend_through_the_agent() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    let backend = echo_backend().await.to_string();
+
+    let client = tls::connect_client(&b).expect("client tls");
+    let mut s = connect_tls(&t, client, &backend)
+        .await
+        .expect("mTLS CONNECT");
+    assert_eq!(echo_round(&mut s, b"over mTLS").await, b"over mTLS");
+
+    let mut s = connect_unix(&t, &backend).await.expect("unix CONNECT");
+    assert_eq!(echo_round(&mut s, b"over uds").await, b"over uds");
+
+    let grpc = ProxyClient::connect_unix(&t.grpc_uds).await.expect("grpc");
+    let mut s = grpc.dial(&backend).await.expect("grpc dial");
+    assert_eq!(echo_round(&mut s, b"over grpc").await, b"over grpc");
+    // A large payload crosses several chunks and windows intact.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(echo_round(&mut s, &big).await, big);
+
+    let info = t.server.agents();
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].id, "node-1");
+    assert!(
+        info[0].flow_control,
+        "our agent and server negotiate flow control"
+    );
+    t.stop().await;
+}
+
+/// With no agent, or a backend nobody listens on, the dial fails at once with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_fail_fast_with_a_clear_error() {
+    let b = bundle("tenant-a");
+    let mut config = server_config("s0", 1);
+    // Far longer than the test's own deadline: an answer proves no backstop was waited out.
+    config.dial_timeout = Duration::from_secs(120);
+    let t = Tunnel::start(&b, config).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), connect_unix(&t, "10.1.2.3:80"))
+        .await
+        .expect("answered without waiting for the dial timeout")
+        .expect_err("no agent");
+    assert!(err.starts_with("HTTP/1.1 503"), "{err}");
+    assert!(err.contains("no agent available for 10.1.2.3:80"), "{err}");
+
+    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let err = connect_unix(&t, &dead).await.expect_err("refused");
+    assert!(err.starts_with("HTTP/1.1 502"), "{err}");
+    assert!(err.contains("could not dial"), "{err}");
+
+    let grpc = ProxyClient::connect_unix(&t.grpc_uds).await.expect("grpc");
+    let err = grpc.dial(&dead).await.expect_err("refused over grpc");
+    assert!(err.to_string().contains("could not dial"), "{err}");
+    t.stop().await;
+}
+
+/// A draining agent keeps its open connections but receives no new dials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_receives_no_new_dials() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let a = agent(&b, vec![t.agent_addr.to_string()], "node-a");
+    let z = agent(&b, vec![t.agent_addr.to_string()], "node-z");
+    assert!(a.wait_connected(1, Duration::from_secs(10)).await);
+    assert!(z.wait_connected(1, Duration::from_secs(10)).await);
+    let backend = echo_backend().await.to_string();
+
+    // Open connections until one rides on agent a.
+    let mut on_a = None;
+    for _ in 0..20 {
+        let before = a.stats().dials_ok;
+        let s = connect_unix(&t, &backend).await.expect("dial");
+        if a.stats().dials_ok > before {
+            on_a = Some(s);
+            break;
+        }
+    }
+    let mut on_a = on_a.expect("round robin reaches agent a");
+    a.drain();
+    assert!(eventually(Duration::from_secs(5), || t.server.stats().draining == 1).await);
+    let a_dials = a.stats().dials_ok;
+    for i in 0..20 {
+        let mut s = connect_unix(&t, &backend)
+            .await
+            .expect("dial while a drains");
+        assert_eq!(
+            echo_round(&mut s, format!("n{i}").as_bytes()).await,
+            format!("n{i}").as_bytes()
+        );
+    }
+    assert_eq!(
+        a.stats().dials_ok,
+        a_dials,
+        "no dial reached the draining agent"
+    );
+    assert_eq!(echo_round(&mut on_a, b"still open").await, b"still open");
+
+    z.drain();
+    assert!(eventually(Duration::from_secs(5), || t.server.stats().draining == 2).await);
+    let err = connect_unix(&t, &backend)
+        .await
+        .expect_err("every agent drains");
+    assert!(err.contains("2 draining"), "{err}");
+    t.stop().await;
+}
+
+/// The agent reconnects by itself after its server restarts on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_after_a_server_restart() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let addr = t.agent_addr;
+    let agent = agent(&b, vec![addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    let backend = echo_backend().await.to_string();
+    let mut s = connect_unix(&t, &backend).await.expect("dial");
+    assert_eq!(echo_round(&mut s, b"before").await, b"before");
+
+    t.stop().await;
+    assert!(eventually(Duration::from_secs(10), || agent.stats().servers == 0).await);
+    // The connection that rode the old server is closed, not hung.
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed, not hung");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    let failures = agent.stats().connect_failures;
+
+    let t = Tunnel::start_on(&b, server_config("s0", 1), addr).await;
+    assert!(
+        agent.wait_connected(1, Duration::from_secs(20)).await,
+        "reconnected"
+    );
+    assert!(agent.stats().connect_failures >= failures);
+    let mut s = connect_unix(&t, &backend)
+        .await
+        .expect("dial after restart");
+    assert_eq!(echo_round(&mut s, b"after").await, b"after");
+    t.stop().await;
+}
+
+/// Another tenant's agent and client are refused in the TLS handshake; so is a cert from the
+/// right CA that is not an agent's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tenant_agents_and_clients_are_refused() {
+    let a = bundle("tenant-a");
+    let other = bundle("tenant-b");
+    let t = Tunnel::start(&a, server_config("s0", 1)).await;
+
+    let intruder = agent(&other, vec![t.agent_addr.to_string()], "node-b");
+    assert!(!intruder.wait_connected(1, Duration::from_secs(2)).await);
+    assert!(intruder.stats().connect_failures > 0);
+    // An admin certificate of tenant A's own CA is not an agent.
+    let admin =
+        kmetal_pki::bundle::parse_kubeconfig("admin.conf", a.get("admin.conf").expect("admin"))
+            .expect("kubeconfig");
+    let admin_tls = tls::client_config(
+        a.get(tls::CA).expect("ca"),
+        &admin.cert_pem,
+        &admin.key_pem,
+        &[b"h2"],
+    )
+    .expect("tls");
+    let mut config =
+        kmetal_tunnel::AgentConfig::new(vec![t.agent_addr.to_string()], admin_tls, "admin");
+    config.backoff_initial = Duration::from_millis(50);
+    let impostor = kmetal_tunnel::Agent::start(config).expect("agent");
+    assert!(!impostor.wait_connected(1, Duration::from_secs(2)).await);
+    assert_eq!(t.server.stats().agents, 0);
+    assert!(t.server.stats().refused_handshakes >= 2);
+
+    let backend = echo_backend().await.to_string();
+    let wrong_client = tls::connect_client(&other).expect("tls");
+    assert!(connect_tls(&t, wrong_client, &backend).await.is_err());
+    t.stop().await;
+}
+
+/// Three replicas behind one address: the agent connects to each, and a dial succeeds
+/// through every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_the_agent_reaches_every_replica_through_one_address() {
+    let b = bundle("tenant-a");
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(Tunnel::start(&b, server_config(&format!("s{i}"), 3)).await);
+    }
+    let lb = round_robin(replicas.iter().map(|t| t.agent_addr).collect()).await;
+    let agent = agent(&b, vec![lb.to_string()], "node-1");
+    assert!(
+        agent.wait_connected(3, Duration::from_secs(20)).await,
+        "{:?}",
+        agent.stats()
+    );
+    assert_eq!(agent.servers(), ["s0", "s1", "s2"]);
+    assert_eq!(agent.stats().server_count, 3);
+    let backend = echo_backend().await.to_string();
+    for t in &replicas {
+        let mut s = connect_unix(t, &backend).await.expect("dial via replica");
+        assert_eq!(echo_round(&mut s, b"ha").await, b"ha");
+    }
+    for t in replicas {
+        t.stop().await;
+    }
+}
+
+/// A TCP load balancer handing each new connection to the next upstream.
+async fn round_robin(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut i = 0;
+        while let Ok((mut down, _)) = l.accept().await {
+            let up = upstreams[i % upstreams.len()];
+            i += 1;
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An agent whose connection goes silent is dropped by the keepalive; dials then fail fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_drops_a_dead_agent() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let proxy = kmetal_testkit::FaultProxy::start(t.agent_addr)
+        .await
+        .expect("proxy");
+    let agent = agent(&b, vec![proxy.addr().to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    assert_eq!(t.server.stats().agents, 1);
+    proxy.blackhole();
+    assert!(
+        eventually(Duration::from_secs(15), || t.server.stats().agents == 0).await,
+        "the server dropped the silent agent"
+    );
+    let err = connect_unix(&t, "127.0.0.1:9").await.expect_err("no agent");
+    assert!(err.starts_with("HTTP/1.1 503"), "{err}");
+    drop(agent);
+    t.stop().await;
+}
+
+/// One stream whose reader stalls does not stall another stream through the same agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_does_not_stall_the_others() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    // A backend that streams without end, like `kubectl logs -f` on a chatty pod.
+    let firehose = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let firehose_addr = firehose.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = firehose.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 << 10];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let stalled = connect_unix(&t, &firehose_addr)
+        .await
+        .expect("dial firehose");
+    // Never read `stalled`; give the firehose time to fill every buffer it can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let backend = echo_backend().await.to_string();
+    let mut s = connect_unix(&t, &backend).await.expect("second dial");
+    for i in 0..50 {
+        let msg = format!("ping {i}");
+        let got = tokio::time::timeout(Duration::from_secs(5), echo_round(&mut s, msg.as_bytes()))
+            .await
+            .expect("the second stream is not blocked by the first");
+        assert_eq!(got, msg.as_bytes());
+    }
+    drop(stalled);
+    t.stop().await;
+}
+
+/// 10,000 dial/close cycles leave connections, pending dials and tasks at baseline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_close_cycles_free_everything() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    let backend = echo_backend().await.to_string();
+    let cycle = |i: usize| {
+        let t = &t;
+        let backend = &backend;
+        async move {
+            let mut s = connect_unix(t, backend).await.expect("dial");
+            if i % 2 == 0 {
+                assert_eq!(echo_round(&mut s, b"x").await, b"x");
+            }
+            drop(s);
+        }
+    };
+    for i in 0..200 {
+        cycle(i).await;
+    }
+    let settled = |t: &Tunnel| {
+        let s = t.server.stats();
+        s.connections == 0 && s.pending_dials == 0 && agent.stats().connections == 0
+    };
+    assert!(eventually(Duration::from_secs(10), || settled(&t)).await);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let tasks_before = metrics.num_alive_tasks();
+    let rss_before = rss_bytes();
+    for i in 0..10_000 {
+        cycle(i).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || settled(&t)).await,
+        "server {:?}, agent {:?}",
+        t.server.stats(),
+        agent.stats()
+    );
+    // Echo backends' own tasks end with their connections too.
+    assert!(
+        eventually(Duration::from_secs(20), || metrics.num_alive_tasks()
+            <= tasks_before)
+        .await,
+        "tasks {} -> {}",
+        tasks_before,
+        metrics.num_alive_tasks()
+    );
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 32 << 20, "resident memory grew by {grown} bytes");
+    assert_eq!(t.server.stats().dials_ok, 10_200);
+    t.stop().await;
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
