@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole kmetal test suite, from a fresh machine: installs the real servers the tests start
-# (etcd, PostgreSQL 15), protoc, and the PKI tests' openssl and kubectl when missing, then
+# (etcd, PostgreSQL 15), protoc, the PKI tests' openssl and kubectl, and the tunnel test's
+# iproute2, curl and python3 when missing, then
 # checks formatting, lints and runs every
 # test, real-server tests included. Exits non-zero on the first failure.
 set -euo pipefail
@@ -12,6 +13,11 @@ command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+# The tunnel's network-namespace test: ip netns/veth, curl through the tunnel, and a
+# python3 http.server as the worker's page.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 pg_bindir=$(pg_config --bindir 2>/dev/null || true)
 if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
   [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
