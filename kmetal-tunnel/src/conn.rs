@@ -267,12 +267,18 @@ where
                 return e;
             }
         }
+        // Start small (an idle connection holds only this) and double while reads fill the
+        // buffer, up to one chunk, so bulk transfers move in large packets.
+        let mut want = 2 << 10;
         let mut buf = BytesMut::new();
         loop {
-            buf.reserve(MAX_CHUNK);
+            buf.reserve(want);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return Ended::LocalEof,
-                Ok(_) => {
+                Ok(n) => {
+                    if n >= want {
+                        want = (want * 2).min(MAX_CHUNK);
+                    }
                     if let Err(e) = send(buf.split().freeze()).await {
                         return e;
                     }

@@ -36,7 +36,7 @@ pub const FLOW_WINDOW: &str = "kmetal-flow-window";
 /// The largest packet either side accepts (a DATA chunk is at most [`MAX_CHUNK`]).
 pub const MAX_PACKET: usize = 4 << 20;
 /// The largest DATA payload we send in one packet.
-pub const MAX_CHUNK: usize = 64 << 10;
+pub const MAX_CHUNK: usize = 256 << 10;
 
 /// A packet that is not a well-formed Konnectivity packet.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

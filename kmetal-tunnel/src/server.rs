@@ -580,6 +580,8 @@ impl Server {
             .http2_keepalive_timeout(Some(c.keepalive_timeout))
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
+            // Agents may send DATA frames as large as our chunks instead of 16 KiB pieces.
+            .max_frame_size(Some(proto::MAX_CHUNK as u32 + 1024))
             .add_service(
                 AgentServiceServer::from_arc(Arc::new(AgentEndpoint {
                     shared: self.shared.clone(),

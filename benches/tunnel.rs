@@ -1,0 +1,374 @@
+//! The tunnel against direct connections, same process, same run (issue 8 targets):
+//! - one stream's bulk throughput through the tunnel (unix CONNECT frontend → server → mTLS
+//!   gRPC link → agent → backend) vs one direct TLS stream over loopback — target ≥ 0.8×;
+//! - request/response latency added by the tunnel over a direct TCP round trip — target
+//!   p50 ≤ 150 µs;
+//! - 1,000 concurrent streams through one agent, vs 1,000 direct connections;
+//! - resident memory per idle tunneled stream, vs per idle direct connection.
+//!
+//! Client, server, agent and backends share this process's two worker threads.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kmetal_pki::{Bundle, PkiSpec};
+use kmetal_tunnel::{Agent, AgentConfig, ConnectListener, Server, ServerConfig, tls};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+struct Setup {
+    bundle: Bundle,
+    uds: PathBuf,
+    mtls: SocketAddr,
+    agent: Agent,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let bundle = Bundle::generate(&PkiSpec::new("bench", "127.0.0.1:6443")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::new(ServerConfig::new("s0", 1));
+    let agents = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_addr = agents.local_addr().unwrap();
+    let s = server.clone();
+    let t = tls::agent_listener(&bundle).unwrap();
+    tokio::spawn(async move { s.serve_agents(agents, t, std::future::pending()).await });
+    let uds = dir.path().join("connect.sock");
+    let l = UnixListener::bind(&uds).unwrap();
+    let s = server.clone();
+    tokio::spawn(async move {
+        s.serve_connect(ConnectListener::Unix(l), std::future::pending())
+            .await
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mtls = l.local_addr().unwrap();
+    let s = server.clone();
+    let t = tls::connect_listener(&bundle).unwrap();
+    tokio::spawn(async move {
+        s.serve_connect(ConnectListener::Tls(l, t), std::future::pending())
+            .await
+    });
+    let agent = Agent::start(AgentConfig::new(
+        vec![agent_addr.to_string()],
+        tls::agent_client(&bundle).unwrap(),
+        "bench-node",
+    ))
+    .unwrap();
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    Setup {
+        bundle,
+        uds,
+        mtls,
+        agent,
+        _dir: dir,
+    }
+}
+
+async fn connect<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, target: &str) -> S {
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed during CONNECT");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+async fn via_uds(s: &Setup, target: &str) -> UnixStream {
+    connect(UnixStream::connect(&s.uds).await.unwrap(), target).await
+}
+
+async fn via_mtls(s: &Setup, target: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(s.mtls).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls::connect_client(&s.bundle).unwrap())
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    connect(tls, target).await
+}
+
+/// A backend that writes `total` bytes to each connection, then closes it.
+async fn source(total: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move { write_total(&mut s, total).await });
+        }
+    });
+    addr
+}
+
+async fn write_total<S: AsyncWrite + Unpin>(s: &mut S, total: usize) {
+    let chunk = vec![0x5a; 64 << 10];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if s.write_all(&chunk[..n]).await.is_err() {
+            return;
+        }
+        left -= n;
+    }
+    let _ = s.shutdown().await;
+}
+
+/// The peer: a direct TLS server with the same certificate profile writing `total` bytes.
+async fn tls_source(bundle: &Bundle, total: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::connect_listener(bundle).unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tcp.set_nodelay(true).unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut s = acceptor.accept(tcp).await.unwrap();
+                write_total(&mut s, total).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn drain<S: AsyncRead + Unpin>(mut s: S) -> usize {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got += n,
+        }
+    }
+}
+
+async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, n: usize) -> Vec<Duration> {
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        out.push(t.elapsed());
+    }
+    out
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p) as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4096
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = setup().await;
+        let total: usize = if quick { 4 << 20 } else { 256 << 20 };
+        let rounds = if quick { 1 } else { 7 };
+
+        // 1. Bulk throughput, one stream, interleaved rounds.
+        let plain = source(total).await.to_string();
+        let direct_tls = tls_source(&s.bundle, total).await;
+        let (mut d, mut u, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let tcp = TcpStream::connect(direct_tls).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls::connect_client(&s.bundle).unwrap())
+                .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+                .await
+                .unwrap();
+            assert_eq!(drain(stream).await, total);
+            d.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+
+            let t = Instant::now();
+            assert_eq!(drain(via_uds(&s, &plain).await).await, total);
+            u.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+
+            let t = Instant::now();
+            assert_eq!(drain(via_mtls(&s, &plain).await).await, total);
+            m.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+        }
+        let (d, u, m) = (median(d), median(u), median(m));
+        let only_throughput = std::env::var_os("KMETAL_BENCH_THROUGHPUT_ONLY").is_some();
+        println!("throughput, one stream, {} MiB, median of {rounds}:", total >> 20);
+        println!("  direct TLS                        {d:8.0} MB/s");
+        println!("  tunnel (unix CONNECT frontend)    {u:8.0} MB/s   ratio {:.2}x  (target >= 0.8x)", u / d);
+        println!("  tunnel (mTLS CONNECT frontend)    {m:8.0} MB/s   ratio {:.2}x", m / d);
+
+        if only_throughput {
+            println!("tunnel {u:.0} MB/s, direct {d:.0} MB/s, ratio {:.2}x", u / d);
+            return;
+        }
+        // 2. Request/response latency.
+        let echo = echo_backend().await;
+        let n = if quick { 200 } else { 20_000 };
+        let tcp = TcpStream::connect(echo).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut direct = tcp;
+        let mut tunneled = via_uds(&s, &echo.to_string()).await;
+        let mut tunneled_tls = via_mtls(&s, &echo.to_string()).await;
+        round_trips(&mut direct, n / 10).await;
+        round_trips(&mut tunneled, n / 10).await;
+        let mut dl = round_trips(&mut direct, n).await;
+        let mut tl = round_trips(&mut tunneled, n).await;
+        let mut ml = round_trips(&mut tunneled_tls, n).await;
+        let (d50, d99) = (pct(&mut dl, 0.5), pct(&mut dl, 0.99));
+        let (t50, t99) = (pct(&mut tl, 0.5), pct(&mut tl, 0.99));
+        let (m50, m99) = (pct(&mut ml, 0.5), pct(&mut ml, 0.99));
+        println!("request/response, 64 B, {n} round trips:");
+        println!("  direct TCP          p50 {:7.1} µs  p99 {:7.1} µs", us(d50), us(d99));
+        println!(
+            "  tunnel (unix)       p50 {:7.1} µs  p99 {:7.1} µs   added p50 {:.1} µs (target <= 150)",
+            us(t50),
+            us(t99),
+            us(t50) - us(d50)
+        );
+        println!(
+            "  tunnel (mTLS)       p50 {:7.1} µs  p99 {:7.1} µs   added p50 {:.1} µs",
+            us(m50),
+            us(m99),
+            us(m50) - us(d50)
+        );
+
+        // 3. 1,000 concurrent streams through one agent, 10 round trips each.
+        let streams = if quick { 50 } else { 1000 };
+        let run = |tunnel: bool| {
+            let s = &s;
+            async move {
+                let gate = Arc::new(tokio::sync::Semaphore::new(32));
+                let t = Instant::now();
+                let mut tasks = Vec::new();
+                for _ in 0..streams {
+                    let gate = gate.clone();
+                    let target = echo.to_string();
+                    let uds = s.uds.clone();
+                    tasks.push(tokio::spawn(async move {
+                        // Bound connection setup (listen backlogs), not the open streams.
+                        let mut permit = Some(gate.acquire_owned().await.unwrap());
+                        let mut c: Box<dyn Io> = if tunnel {
+                            Box::new(connect(UnixStream::connect(uds).await.unwrap(), &target).await)
+                        } else {
+                            let c = TcpStream::connect(&target).await.unwrap();
+                            c.set_nodelay(true).unwrap();
+                            Box::new(c)
+                        };
+                        let msg = [1u8; 1024];
+                        let mut back = [0u8; 1024];
+                        for i in 0..10 {
+                            c.write_all(&msg).await.unwrap();
+                            c.read_exact(&mut back).await.unwrap();
+                            if i == 0 && permit.is_some() {
+                                // Held until the backend has accepted and answered: a connect
+                                // completes before accept(), so releasing earlier lets a
+                                // thousand handshakes overflow the listen queue into 1 s SYN
+                                // retransmits.
+                                permit = None;
+                            }
+                        }
+                        c
+                    }));
+                }
+                let mut open = Vec::new();
+                for t in tasks {
+                    open.push(t.await.unwrap());
+                }
+                let elapsed = t.elapsed();
+                drop(open);
+                elapsed
+            }
+        };
+        let direct_t = run(false).await;
+        let tunnel_t = run(true).await;
+        println!("{streams} concurrent streams, 10 x 1 KiB round trips each:");
+        println!("  direct TCP   {:8.1} ms", direct_t.as_secs_f64() * 1e3);
+        println!(
+            "  tunnel       {:8.1} ms   ratio {:.2}x the direct time; agent served {} dials",
+            tunnel_t.as_secs_f64() * 1e3,
+            tunnel_t.as_secs_f64() / direct_t.as_secs_f64(),
+            s.agent.stats().dials_ok
+        );
+
+        // 4. Resident memory per idle stream.
+        let idle = if quick { 100 } else { 2000 };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = rss();
+        let mut held: Vec<TcpStream> = Vec::new();
+        for _ in 0..idle {
+            let c = TcpStream::connect(echo).await.unwrap();
+            held.push(c);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let direct_per = (rss().saturating_sub(before)) as f64 / idle as f64;
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = rss();
+        let mut held: Vec<UnixStream> = Vec::new();
+        for _ in 0..idle {
+            held.push(via_uds(&s, &echo.to_string()).await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tunnel_per = (rss().saturating_sub(before)) as f64 / idle as f64;
+        println!("memory per idle stream ({idle} streams, growth of this process's RSS):");
+        println!("  direct TCP (client + echo backend; socket buffers are kernel memory) {direct_per:8.0} B");
+        println!("  tunnel (client, server, agent, backend)                              {tunnel_per:8.0} B");
+        drop(held);
+    });
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
