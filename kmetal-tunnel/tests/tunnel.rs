@@ -367,3 +367,73 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0);
     pages * 4096
 }
+
+/// destHost routes by the agents' identifiers, defaultRoute catches the rest, and with no
+/// matching agent the dial fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_strategies_route_by_identifiers() {
+    let b = bundle("tenant-a");
+    let mut config = server_config("s0", 1);
+    config.strategies = kmetal_tunnel::Strategy::parse_list("destHost,defaultRoute").expect("list");
+    let t = Tunnel::start(&b, config).await;
+    let mk = |id: &str, ids: &[(&str, &str)]| {
+        let mut c = kmetal_tunnel::AgentConfig::new(
+            vec![t.agent_addr.to_string()],
+            tls::agent_client(&b).expect("tls"),
+            id,
+        );
+        for (k, v) in ids {
+            c.identifiers.add(k, v).expect("identifier");
+        }
+        kmetal_tunnel::Agent::start(c).expect("agent")
+    };
+    // Linux routes all of 127.0.0.0/8 to loopback: 127.0.0.2 stands for another node.
+    let node = mk("node-a", &[("host", "node-a"), ("ipv4", "127.0.0.2")]);
+    let gateway = mk("gateway", &[("default-route", "true")]);
+    assert!(node.wait_connected(1, Duration::from_secs(10)).await);
+    assert!(gateway.wait_connected(1, Duration::from_secs(10)).await);
+    let l = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    for _ in 0..5 {
+        let mut s = connect_unix(&t, &format!("127.0.0.2:{port}"))
+            .await
+            .expect("dial node");
+        assert_eq!(echo_round(&mut s, b"n").await, b"n");
+        let mut s = connect_unix(&t, &format!("127.0.0.1:{port}"))
+            .await
+            .expect("dial other");
+        assert_eq!(echo_round(&mut s, b"g").await, b"g");
+    }
+    assert_eq!(
+        node.stats().dials_ok,
+        5,
+        "destHost sent the node's address to the node"
+    );
+    assert_eq!(
+        gateway.stats().dials_ok,
+        5,
+        "everything else took the default route"
+    );
+
+    let mut strict = server_config("s1", 1);
+    strict.strategies = vec![kmetal_tunnel::Strategy::DestHost];
+    let t2 = Tunnel::start(&b, strict).await;
+    let only = agent(&b, vec![t2.agent_addr.to_string()], "node-x");
+    assert!(only.wait_connected(1, Duration::from_secs(10)).await);
+    let err = connect_unix(&t2, &format!("127.0.0.1:{port}"))
+        .await
+        .expect_err("no match");
+    assert!(err.starts_with("HTTP/1.1 503"), "{err}");
+    t.stop().await;
+    t2.stop().await;
+}
