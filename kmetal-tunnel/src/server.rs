@@ -522,9 +522,17 @@ impl Server {
         let (tx, rx) = mpsc::channel::<Result<AgentIo, std::io::Error>>(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let shared = self.shared.clone();
+        let stop_accepting = Arc::new(tokio::sync::Notify::new());
+        let stop = stop_accepting.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((tcp, addr)) = listener.accept().await else {
+                // The listener is dropped (the port freed) as soon as shutdown begins, not
+                // when the last agent connection has drained.
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.notified() => return,
+                };
+                let Ok((tcp, addr)) = accepted else {
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
@@ -567,8 +575,10 @@ impl Server {
         // reconnect (to another replica, or to this one once it is back).
         let shutdown = {
             let shared = self.shared.clone();
+            let stop = stop_accepting.clone();
             async move {
                 shutdown.await;
+                stop.notify_one();
                 let sessions: Vec<Arc<Session>> = shared.sessions().clone();
                 for s in sessions {
                     shared.unregister(&s);
@@ -591,7 +601,8 @@ impl Server {
             .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
             .await
             .map_err(ServerError::Grpc);
-        accept.abort();
+        stop_accepting.notify_one();
+        let _ = accept.await;
         result
     }
 
