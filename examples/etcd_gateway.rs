@@ -16,9 +16,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use kmetal::datastore::gateway::{Gateway, GatewayTls, Listen};
-use kmetal::datastore::postgres::{PgConfig, PgStore};
-use kmetal::datastore::sqlite::{SqliteConfig, SqliteStore};
-use kmetal::datastore::{Datastore, MemoryStore};
+use kmetal::datastore::Datastore;
+use kmetal::datastore::url::DatastoreUrl;
 
 #[derive(Parser)]
 #[command(name = "etcd_gateway", about = "etcd v3 API over a kmetal datastore")]
@@ -41,24 +40,11 @@ struct Cli {
 }
 
 async fn store(spec: &str) -> Result<Arc<dyn Datastore>, String> {
-    if spec == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
+    let url: DatastoreUrl = spec.parse().map_err(|e| format!("--datastore {e}"))?;
+    if matches!(url, DatastoreUrl::Etcd(_)) {
+        return Err(format!("--datastore {url}: serve etcd's API from etcd itself"));
     }
-    if let Some(path) = spec.strip_prefix("sqlite://") {
-        return SqliteStore::open(SqliteConfig::new(path))
-            .await
-            .map(|s| Arc::new(s) as Arc<dyn Datastore>)
-            .map_err(|e| format!("sqlite://{path}: {e}"));
-    }
-    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        return PgStore::connect(PgConfig::new(spec))
-            .await
-            .map(|s| Arc::new(s) as Arc<dyn Datastore>)
-            .map_err(|e| format!("postgres: {e}"));
-    }
-    Err(format!(
-        "--datastore {spec:?}: expected memory, sqlite://PATH or postgres://URL"
-    ))
+    url.open().await.map_err(|e| format!("{url}: {e}"))
 }
 
 fn read(path: &PathBuf) -> Result<String, String> {

@@ -19,6 +19,8 @@
 //!   driver, restorable into any driver.
 //! - [`migrate`]: live migration of a tenant between any two drivers (freeze, copy, verify,
 //!   cut over, unfreeze).
+//! - [`url`]: [`DatastoreUrl`](url::DatastoreUrl) (`memory`, `sqlite://`, `postgres://`,
+//!   `etcd://`) and opening the driver it names.
 //! - [`provision`]: the [`Provisioner`] trait, [`TenantSlice`](provision::TenantSlice) and
 //!   name checks shared by every driver.
 //!
@@ -41,6 +43,7 @@ pub mod sqlite;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sqllog;
 pub mod store;
+pub mod url;
 
 pub use error::{DatastoreError, Result};
 pub use memory::MemoryStore;

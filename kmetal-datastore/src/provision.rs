@@ -147,6 +147,17 @@ pub enum ProvisionError {
         /// The refused method.
         auth: &'static str,
     },
+    /// A file of a file-backed slice could not be created or removed.
+    #[error("{step} {path}")]
+    File {
+        /// What was being done (`create directory`, `remove database file`).
+        step: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A step against the datastore failed.
     #[error("provisioning step {step:?} failed")]
     Step {
