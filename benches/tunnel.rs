@@ -7,6 +7,8 @@
 //! - resident memory per idle tunneled stream, vs per idle direct connection.
 //!
 //! Client, server, agent and backends share this process's two worker threads.
+//! `KMETAL_BENCH_THROUGHPUT_ONLY=1` stops after the throughput part;
+//! `KMETAL_BENCH_TUNNEL_ONLY=1` skips the direct peer there (for profiling the tunnel).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -221,7 +223,15 @@ fn main() {
         let direct_tls = tls_source(&s.bundle, total).await;
         let (mut d, mut u, mut m) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
+            let tunnel_only = std::env::var_os("KMETAL_BENCH_TUNNEL_ONLY").is_some();
             let t = Instant::now();
+            if tunnel_only {
+                d.push(1.0);
+                assert_eq!(drain(via_uds(&s, &plain).await).await, total);
+                u.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+                m.push(1.0);
+                continue;
+            }
             let tcp = TcpStream::connect(direct_tls).await.unwrap();
             tcp.set_nodelay(true).unwrap();
             let stream = tokio_rustls::TlsConnector::from(tls::connect_client(&s.bundle).unwrap())

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use kmetal::datastore::gateway::{Gateway, GatewayTls, Listen};
 use kmetal::datastore::Datastore;
+use kmetal::datastore::gateway::{Gateway, GatewayTls, Listen};
 use kmetal::datastore::url::DatastoreUrl;
 
 #[derive(Parser)]
@@ -42,7 +42,9 @@ struct Cli {
 async fn store(spec: &str) -> Result<Arc<dyn Datastore>, String> {
     let url: DatastoreUrl = spec.parse().map_err(|e| format!("--datastore {e}"))?;
     if matches!(url, DatastoreUrl::Etcd(_)) {
-        return Err(format!("--datastore {url}: serve etcd's API from etcd itself"));
+        return Err(format!(
+            "--datastore {url}: serve etcd's API from etcd itself"
+        ));
     }
     url.open().await.map_err(|e| format!("{url}: {e}"))
 }

@@ -1212,7 +1212,9 @@ mod provision_tests {
         let creds = p.provision(&slice).await.expect("provision");
         assert_eq!(p.provision(&slice).await.expect("again"), creds);
         {
-            let s = SqliteStore::open(SqliteConfig::new(&creds.path)).await.expect("open");
+            let s = SqliteStore::open(SqliteConfig::new(&creds.path))
+                .await
+                .expect("open");
             s.put(PutRequest::new("/k", "v")).await.expect("put");
         }
         let other = TenantSlice::with_password("tenant_b", "tenant_b", "unused");
@@ -1221,10 +1223,19 @@ mod provision_tests {
         p.deprovision(&slice).await.expect("deprovision");
         p.deprovision(&slice).await.expect("idempotent");
         assert!(!creds.path.exists());
-        let s = SqliteStore::open(SqliteConfig::new(&creds.path)).await.expect("reopen");
-        assert!(s.range(RangeRequest::get("/k")).await.expect("get").kvs.is_empty());
+        let s = SqliteStore::open(SqliteConfig::new(&creds.path))
+            .await
+            .expect("reopen");
+        assert!(
+            s.range(RangeRequest::get("/k"))
+                .await
+                .expect("get")
+                .kvs
+                .is_empty()
+        );
         assert!(matches!(
-            p.provision(&TenantSlice::with_password("../x", "u", "p")).await,
+            p.provision(&TenantSlice::with_password("../x", "u", "p"))
+                .await,
             Err(crate::provision::ProvisionError::InvalidSchema(_))
         ));
     }

@@ -27,7 +27,9 @@ pub enum DatastoreUrl {
 #[non_exhaustive]
 pub enum UrlError {
     /// An unknown scheme.
-    #[error("{0:?}: expected memory, sqlite://PATH, postgres://URL or etcd://HOST:PORT[,HOST:PORT]")]
+    #[error(
+        "{0:?}: expected memory, sqlite://PATH, postgres://URL or etcd://HOST:PORT[,HOST:PORT]"
+    )]
     Scheme(String),
     /// A scheme without its path or hosts.
     #[error("{0:?}: missing the path or hosts after the scheme")]
@@ -90,7 +92,10 @@ impl DatastoreUrl {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(DatastoreError::unavailable)?;
                 }
-                Arc::new(crate::sqlite::SqliteStore::open(crate::sqlite::SqliteConfig::new(path)).await?)
+                Arc::new(
+                    crate::sqlite::SqliteStore::open(crate::sqlite::SqliteConfig::new(path))
+                        .await?,
+                )
             }
             #[cfg(feature = "postgres")]
             Self::Postgres(url) => Arc::new(
@@ -99,8 +104,7 @@ impl DatastoreUrl {
             ),
             #[cfg(feature = "etcd")]
             Self::Etcd(hosts) => {
-                let endpoints: Vec<String> =
-                    hosts.iter().map(|h| format!("http://{h}")).collect();
+                let endpoints: Vec<String> = hosts.iter().map(|h| format!("http://{h}")).collect();
                 Arc::new(
                     crate::etcd::EtcdStore::connect(
                         crate::etcd::EtcdConfig::new(endpoints),
@@ -139,13 +143,24 @@ mod tests {
             Ok(DatastoreUrl::Postgres(_))
         ));
         assert_eq!(
-            "postgres://u:p@h/db".parse::<DatastoreUrl>().map(|u| u.to_string()),
+            "postgres://u:p@h/db"
+                .parse::<DatastoreUrl>()
+                .map(|u| u.to_string()),
             Ok("postgres://…".to_string()),
             "passwords never reach logs"
         );
-        assert!(matches!("mysql://x".parse::<DatastoreUrl>(), Err(UrlError::Scheme(_))));
-        assert!(matches!("sqlite://".parse::<DatastoreUrl>(), Err(UrlError::Empty(_))));
-        assert!(matches!("etcd://".parse::<DatastoreUrl>(), Err(UrlError::Empty(_))));
+        assert!(matches!(
+            "mysql://x".parse::<DatastoreUrl>(),
+            Err(UrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            "sqlite://".parse::<DatastoreUrl>(),
+            Err(UrlError::Empty(_))
+        ));
+        assert!(matches!(
+            "etcd://".parse::<DatastoreUrl>(),
+            Err(UrlError::Empty(_))
+        ));
     }
 
     #[tokio::test]
