@@ -1,0 +1,810 @@
+//! Reconciling one TenantControlPlane, level-based and idempotent: validate → place the
+//! control-plane replicas (kmetal-topology) → provision the datastore slice → issue the PKI
+//! (Secrets in the management store) → start the tenant's Konnectivity server (in process)
+//! → status. Every failure lands in a status condition; deletion runs the finalizer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use kmetal::core::meta::ConditionStatus;
+use kmetal::core::tenant::{
+    CertificateStatus, ReplicaPlacement, StorageSetup, StorageStatus, TenantControlPlaneStatus,
+};
+use kmetal::core::{Condition, DataStore, Phase, TenantControlPlane};
+use kmetal::datastore::provision::{TenantSlice, generate_password};
+use kmetal::pki::{Bundle, PkiSpec, RenewalPolicy};
+use kmetal::topology::model::{Resources, Topology};
+use kmetal::topology::placement::{TenantRequest, place};
+use kmetal::tunnel::{ConnectListener, Server, ServerConfig, tls};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::drivers::{Driver, DriverError, SliceConfig};
+use crate::store::{FINALIZER, Kind, ObjectKey, Store, StoreError, now_rfc3339};
+
+/// Operator-wide settings.
+#[derive(Clone)]
+pub struct Settings {
+    /// The under cluster's topology (replicas are placed on its control-plane nodes).
+    pub topology: Option<Arc<Topology>>,
+    /// Where to write each tenant's PKI and kubeconfigs (kubeadm layout).
+    pub out: Option<PathBuf>,
+    /// Operator state: SQLite slices with relative paths, tunnel sockets.
+    pub state_dir: PathBuf,
+    /// The DataStore of tenants that name none.
+    pub default_datastore: String,
+    /// Renewal policy for tenant certificates.
+    pub renewal: RenewalPolicy,
+}
+
+/// The result of one reconcile.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Ready,
+    /// Not ready; the reason is in the conditions. Retried with backoff.
+    NotReady(String),
+    /// The object is gone (finalized or never existed).
+    Gone,
+}
+
+/// Why a reconcile could not even record its result.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Tunnel {
+    server: Server,
+    agent_addr: SocketAddr,
+    connect_uds: PathBuf,
+    ca_fingerprint: String,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = std::fs::remove_file(&self.connect_uds);
+    }
+}
+
+/// The reconciler shared by every worker of one operator process.
+pub struct Reconciler {
+    store: Store,
+    settings: Settings,
+    tunnels: Mutex<HashMap<ObjectKey, Tunnel>>,
+    drivers: tokio::sync::Mutex<HashMap<String, (i64, Arc<Driver>)>>,
+    placements: tokio::sync::Mutex<BTreeMap<ObjectKey, Vec<ReplicaPlacement>>>,
+}
+
+fn set_condition(
+    status: &mut TenantControlPlaneStatus,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+) {
+    let want = if ok {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != want {
+            c.last_transition_time = Some(now_rfc3339());
+        }
+        c.status = want;
+        c.reason = reason.into();
+        c.message = message;
+        return;
+    }
+    status.conditions.push(Condition {
+        type_: type_.into(),
+        status: want,
+        reason: reason.into(),
+        message,
+        last_transition_time: Some(now_rfc3339()),
+        observed_generation: None,
+    });
+}
+
+fn set_phase(status: &mut TenantControlPlaneStatus, phase: Phase) {
+    status.kubernetes_resources.version.status = Some(phase);
+}
+
+/// Resources one api-server replica asks for, from `spec.controlPlane.deployment.resources`
+/// (defaults when absent).
+fn replica_resources(tcp: &TenantControlPlane) -> Resources {
+    let mut r = Resources {
+        cpu: 0.25,
+        memory_gib: 0.5,
+        pods: 1,
+    };
+    let req = tcp
+        .spec
+        .control_plane
+        .deployment
+        .resources
+        .as_ref()
+        .and_then(|c| c.api_server.as_ref())
+        .map(|a| a["requests"].clone());
+    if let Some(req) = req {
+        if let Some(cpu) = req["cpu"].as_str().and_then(parse_cpu) {
+            r.cpu = cpu;
+        }
+        if let Some(mem) = req["memory"].as_str().and_then(parse_gib) {
+            r.memory_gib = mem;
+        }
+    }
+    r
+}
+
+fn parse_cpu(s: &str) -> Option<f64> {
+    match s.strip_suffix('m') {
+        Some(m) => m.parse::<f64>().ok().map(|m| m / 1000.0),
+        None => s.parse().ok(),
+    }
+}
+
+fn parse_gib(s: &str) -> Option<f64> {
+    let units = [
+        ("Ki", 1.0 / 1048576.0),
+        ("Mi", 1.0 / 1024.0),
+        ("Gi", 1.0),
+        ("Ti", 1024.0),
+    ];
+    for (u, f) in units {
+        if let Some(n) = s.strip_suffix(u) {
+            return n.parse::<f64>().ok().map(|n| n * f);
+        }
+    }
+    s.parse::<f64>().ok().map(|b| b / 1073741824.0)
+}
+
+impl Reconciler {
+    pub fn new(store: Store, settings: Settings) -> Self {
+        Self {
+            store,
+            settings,
+            tunnels: Mutex::default(),
+            drivers: tokio::sync::Mutex::default(),
+            placements: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Agents connected to a tenant's Konnectivity server, by tenant.
+    pub fn agents_connected(&self) -> Vec<(ObjectKey, usize)> {
+        let t = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+        t.iter()
+            .map(|(k, v)| (k.clone(), v.server.stats().agents))
+            .collect()
+    }
+
+    /// The address agents of `key` dial, once its tunnel runs.
+    pub fn agent_address(&self, key: &ObjectKey) -> Option<SocketAddr> {
+        let t = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(key).map(|t| t.agent_addr)
+    }
+
+    async fn driver(&self, name: &str) -> Result<Arc<Driver>, DriverError> {
+        let key = ObjectKey::new(Kind::DataStore, None, name);
+        let stored = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| DriverError::Missing(name.into()))?;
+        let mut cache = self.drivers.lock().await;
+        if let Some((rev, d)) = cache.get(name) {
+            if *rev == stored.revision {
+                return Ok(d.clone());
+            }
+        }
+        let ds = DataStore::from_value(stored.value.clone())
+            .map_err(|_| DriverError::Missing(name.into()))?;
+        let d = Arc::new(Driver::connect(&ds, &self.store, &self.settings.state_dir).await?);
+        cache.insert(name.to_string(), (stored.revision, d.clone()));
+        Ok(d)
+    }
+
+    /// Places the tenant's replicas, keeping an existing placement; other tenants' replicas
+    /// hold their capacity.
+    async fn place(
+        &self,
+        key: &ObjectKey,
+        tcp: &TenantControlPlane,
+    ) -> Result<Vec<ReplicaPlacement>, String> {
+        let replicas = tcp
+            .spec
+            .control_plane
+            .deployment
+            .replicas
+            .unwrap_or(2)
+            .max(0) as u32;
+        let name = tcp.metadata.name.clone().unwrap_or_default();
+        let Some(topo) = &self.settings.topology else {
+            return Ok((0..replicas)
+                .map(|i| ReplicaPlacement {
+                    name: format!("{name}-{i}"),
+                    node: "unscheduled".into(),
+                    zone: String::new(),
+                })
+                .collect());
+        };
+        let mut book = self.placements.lock().await;
+        if let Some(p) = book.get(key) {
+            if p.len() == replicas as usize {
+                return Ok(p.clone());
+            }
+        }
+        book.remove(key);
+        let need = replica_resources(tcp);
+        let mut t = (**topo).clone();
+        for placed in book.values() {
+            for r in placed {
+                if let Some(n) = t.nodes.iter_mut().find(|n| n.name == r.node) {
+                    n.capacity = n.capacity.minus(&need);
+                }
+            }
+        }
+        let mut req = TenantRequest::new(name.clone(), replicas);
+        req.resources = need;
+        let seed = key
+            .name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let result = place(&t, &[req], seed);
+        if let Some(f) = result.failed.first() {
+            return Err(f.reason.clone());
+        }
+        let Some(p) = result.placed.first() else {
+            return Err("placement returned nothing".into());
+        };
+        let out: Vec<ReplicaPlacement> = p
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let node = &t.nodes[n];
+                ReplicaPlacement {
+                    name: format!("{name}-{i}"),
+                    node: node.name.clone(),
+                    zone: t.zones[node.zone].name.clone(),
+                }
+            })
+            .collect();
+        book.insert(key.clone(), out.clone());
+        Ok(out)
+    }
+
+    /// Reconciles one tenant.
+    pub async fn reconcile(&self, key: &ObjectKey) -> Result<Outcome, ReconcileError> {
+        let Some(stored) = self.store.get(key).await? else {
+            self.stop_tunnel(key);
+            self.placements.lock().await.remove(key);
+            return Ok(Outcome::Gone);
+        };
+        let decoded = TenantControlPlane::decode(stored.value.clone());
+        let mut tcp = decoded.object;
+        let mut status = tcp.status.clone().unwrap_or_default();
+        if tcp.metadata.deletion_timestamp.is_some() {
+            return self.finalize(key, &tcp, stored.revision, status).await;
+        }
+        let generation = tcp.metadata.generation;
+        let mut problems: Vec<String> = decoded.problems.iter().map(ToString::to_string).collect();
+        if let Err(errs) = kmetal::core::validate::validate_tenant(&tcp) {
+            problems.extend(errs.0.iter().map(ToString::to_string));
+        }
+        tcp.apply_defaults();
+        if !problems.is_empty() {
+            set_condition(
+                &mut status,
+                "Valid",
+                false,
+                "InvalidSpec",
+                problems.join("; "),
+            );
+            if status.kubernetes_resources.version.status.is_none() {
+                set_phase(&mut status, Phase::Provisioning);
+            }
+            return self
+                .finish(key, stored, status, generation, false, "invalid spec")
+                .await;
+        }
+        set_condition(&mut status, "Valid", true, "Valid", String::new());
+
+        // Place.
+        match self.place(key, &tcp).await {
+            Ok(replicas) => {
+                set_condition(
+                    &mut status,
+                    "Scheduled",
+                    true,
+                    "Placed",
+                    format!("{} replicas", replicas.len()),
+                );
+                status.replicas = replicas;
+            }
+            Err(reason) => {
+                set_condition(&mut status, "Scheduled", false, "Unschedulable", reason);
+                set_phase(&mut status, Phase::Provisioning);
+                return self
+                    .finish(key, stored, status, generation, false, "unschedulable")
+                    .await;
+            }
+        }
+
+        // Datastore slice.
+        let ds_name = tcp
+            .spec
+            .data_store
+            .clone()
+            .unwrap_or_else(|| self.settings.default_datastore.clone());
+        let previous_ds = status.storage.data_store_name.clone();
+        let migrating = previous_ds.as_ref().is_some_and(|p| *p != ds_name);
+        if status.kubernetes_resources.version.status.is_none() {
+            set_phase(&mut status, Phase::Provisioning);
+        }
+        let slice_config = match self.provision(key, &tcp, &ds_name).await {
+            Ok(c) => c,
+            Err(e) => {
+                set_condition(
+                    &mut status,
+                    "DataStoreProvisioned",
+                    false,
+                    "ProvisioningFailed",
+                    e.to_string(),
+                );
+                return self
+                    .finish(key, stored, status, generation, false, "datastore")
+                    .await;
+            }
+        };
+        if migrating {
+            // Migration is driven by its own module; until it has run, stay on the old slice.
+            if let Err(e) = crate::migration::migrate(
+                self,
+                key,
+                &tcp,
+                previous_ds.as_deref().unwrap_or_default(),
+                &ds_name,
+                &slice_config,
+            )
+            .await
+            {
+                set_phase(&mut status, Phase::Migrating);
+                set_condition(
+                    &mut status,
+                    "DataStoreMigrated",
+                    false,
+                    "MigrationFailed",
+                    e.to_string(),
+                );
+                return self
+                    .finish(key, stored, status, generation, false, "migration")
+                    .await;
+            }
+            set_condition(
+                &mut status,
+                "DataStoreMigrated",
+                true,
+                "Migrated",
+                format!("from {}", previous_ds.unwrap_or_default()),
+            );
+        }
+        set_condition(
+            &mut status,
+            "DataStoreProvisioned",
+            true,
+            "Provisioned",
+            format!("dataStore {ds_name}"),
+        );
+        status.storage = StorageStatus {
+            driver: slice_config.get("driver").cloned(),
+            data_store_name: Some(ds_name.clone()),
+            setup: StorageSetup {
+                schema: slice_config.get("schema").cloned(),
+                user: slice_config.get("user").cloned(),
+            },
+        };
+
+        // PKI.
+        let bundle = match self.pki(key, &tcp, &ds_name).await {
+            Ok(b) => b,
+            Err(e) => {
+                set_condition(&mut status, "CertificatesReady", false, "IssueFailed", e);
+                return self
+                    .finish(key, stored, status, generation, false, "pki")
+                    .await;
+            }
+        };
+        match bundle.expiry_report(SystemTime::now()) {
+            Ok(report) => {
+                status.certificates = report
+                    .into_iter()
+                    .map(|e| {
+                        (
+                            e.name,
+                            CertificateStatus {
+                                last_update: None,
+                                not_after: Some(e.expires),
+                                checksum: None,
+                            },
+                        )
+                    })
+                    .collect();
+                set_condition(
+                    &mut status,
+                    "CertificatesReady",
+                    true,
+                    "Issued",
+                    String::new(),
+                );
+            }
+            Err(e) => {
+                set_condition(
+                    &mut status,
+                    "CertificatesReady",
+                    false,
+                    "Unreadable",
+                    e.to_string(),
+                );
+                return self
+                    .finish(key, stored, status, generation, false, "pki")
+                    .await;
+            }
+        }
+        if let Some(out) = &self.settings.out {
+            if let Err(e) = bundle.write_dir(&out.join(&key.name)) {
+                set_condition(
+                    &mut status,
+                    "CertificatesWritten",
+                    false,
+                    "WriteFailed",
+                    e.to_string(),
+                );
+                return self
+                    .finish(key, stored, status, generation, false, "out")
+                    .await;
+            }
+        }
+
+        // Konnectivity server.
+        match self.ensure_tunnel(key, &bundle).await {
+            Ok(addr) => set_condition(
+                &mut status,
+                "KonnectivityReady",
+                true,
+                "Serving",
+                format!("agents connect to {addr}"),
+            ),
+            Err(e) => {
+                set_condition(&mut status, "KonnectivityReady", false, "ServeFailed", e);
+                return self
+                    .finish(key, stored, status, generation, false, "konnectivity")
+                    .await;
+            }
+        }
+
+        // Version: one minor at a time, never down.
+        let want = tcp.spec.kubernetes.version.clone().unwrap_or_default();
+        let running = status.kubernetes_resources.version.version.clone();
+        if let Some(running) = running.filter(|r| *r != want) {
+            match crate::lifecycle::check_upgrade(&running, &want) {
+                Ok(()) => {
+                    set_phase(&mut status, Phase::Upgrading);
+                    set_condition(
+                        &mut status,
+                        "Upgraded",
+                        true,
+                        "RolledOut",
+                        format!("{running} -> {want}"),
+                    );
+                }
+                Err(msg) => {
+                    set_condition(&mut status, "Upgraded", false, "UpgradeRefused", msg);
+                    set_condition(
+                        &mut status,
+                        "Ready",
+                        true,
+                        "Ready",
+                        format!("still running {running}"),
+                    );
+                    set_phase(&mut status, Phase::Ready);
+                    return self.finish(key, stored, status, generation, true, "").await;
+                }
+            }
+        }
+        status.kubernetes_resources.version.version = Some(want);
+        let endpoint = PkiSpec::from_tenant(&tcp).map(|s| {
+            let (h, p) = s.host_port();
+            format!("{h}:{p}")
+        });
+        status.control_plane_endpoint = endpoint.ok();
+        set_phase(&mut status, Phase::Ready);
+        set_condition(&mut status, "Ready", true, "Ready", String::new());
+        self.finish(key, stored, status, generation, true, "").await
+    }
+
+    async fn finish(
+        &self,
+        key: &ObjectKey,
+        stored: crate::store::Stored,
+        mut status: TenantControlPlaneStatus,
+        generation: Option<i64>,
+        ready: bool,
+        reason: &str,
+    ) -> Result<Outcome, ReconcileError> {
+        if !ready {
+            set_condition(&mut status, "Ready", false, "NotReady", reason.into());
+        }
+        status.observed_generation = generation;
+        let mut v = stored.value.clone();
+        v["status"] = serde_json::to_value(&status).unwrap_or(json!({}));
+        if v != stored.value && !self.store.put_if(key, &v, stored.revision).await? {
+            // Changed while we worked: the watch delivers the change; reconcile again.
+            return Ok(Outcome::NotReady("conflict".into()));
+        }
+        Ok(if ready {
+            Outcome::Ready
+        } else {
+            Outcome::NotReady(reason.into())
+        })
+    }
+
+    fn slice_of(tcp: &TenantControlPlane, password: String) -> TenantSlice {
+        TenantSlice::with_password(
+            tcp.spec.data_store_schema.clone().unwrap_or_default(),
+            tcp.spec.data_store_username.clone().unwrap_or_default(),
+            password,
+        )
+    }
+
+    /// Provisions the tenant's slice on `ds_name`, keeping the password of an earlier run.
+    pub async fn provision(
+        &self,
+        key: &ObjectKey,
+        tcp: &TenantControlPlane,
+        ds_name: &str,
+    ) -> Result<SliceConfig, DriverError> {
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        let secret_name = format!("{}-datastore-config", key.name);
+        let existing = self.store.secret(ns, &secret_name).await?;
+        if let Some(c) = &existing {
+            if c.get("dataStore").map(String::as_str) == Some(ds_name) {
+                return Ok(c.clone());
+            }
+        }
+        let password = existing
+            .as_ref()
+            .and_then(|c| c.get("password").cloned())
+            .unwrap_or_else(generate_password);
+        let driver = self.driver(ds_name).await?;
+        let mut c = driver
+            .provision(ds_name, &Self::slice_of(tcp, password))
+            .await?;
+        c.insert("dataStore".into(), ds_name.into());
+        // During a migration the old slice's settings stay readable until cut-over.
+        if existing.is_none() {
+            self.store
+                .put_secret(ns, &secret_name, &key.name, &c)
+                .await?;
+        }
+        Ok(c)
+    }
+
+    /// Records `c` as the tenant's slice (after a migration's cut-over).
+    pub async fn record_slice(&self, key: &ObjectKey, c: &SliceConfig) -> Result<(), StoreError> {
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        self.store
+            .put_secret(ns, &format!("{}-datastore-config", key.name), &key.name, c)
+            .await
+    }
+
+    /// The tenant's slice settings as recorded.
+    pub async fn slice_config(&self, key: &ObjectKey) -> Result<Option<SliceConfig>, StoreError> {
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        self.store
+            .secret(ns, &format!("{}-datastore-config", key.name))
+            .await
+    }
+
+    /// Removes a slice of `ds_name`.
+    pub async fn deprovision(
+        &self,
+        tcp: &TenantControlPlane,
+        ds_name: &str,
+    ) -> Result<(), DriverError> {
+        let driver = self.driver(ds_name).await?;
+        driver
+            .deprovision(ds_name, &Self::slice_of(tcp, String::new()))
+            .await
+    }
+
+    /// Loads or issues the tenant's bundle; renews what the policy says is due.
+    async fn pki(
+        &self,
+        key: &ObjectKey,
+        tcp: &TenantControlPlane,
+        _ds_name: &str,
+    ) -> Result<Bundle, String> {
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        let name = format!("{}-pki", key.name);
+        let now = SystemTime::now();
+        if let Some(map) = self
+            .store
+            .secret(ns, &name)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            let mut bundle =
+                Bundle::from_secret_map(&map).map_err(|e| format!("secret {ns}/{name}: {e}"))?;
+            let rotation = tcp
+                .metadata
+                .annotations
+                .get(crate::lifecycle::ROTATE_CA)
+                .cloned();
+            let changed = crate::lifecycle::certificates(
+                &mut bundle,
+                &self.settings.renewal,
+                rotation.as_deref(),
+                now,
+            )?;
+            if changed {
+                self.store
+                    .put_secret(ns, &name, &key.name, &bundle.to_secret_map())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(bundle);
+        }
+        let spec = PkiSpec::from_tenant(tcp).map_err(|e| e.to_string())?;
+        let bundle = Bundle::generate(&spec).map_err(|e| e.to_string())?;
+        self.store
+            .put_secret(ns, &name, &key.name, &bundle.to_secret_map())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(bundle)
+    }
+
+    /// Starts the tenant's Konnectivity server, or restarts it when its CA bundle changed.
+    async fn ensure_tunnel(&self, key: &ObjectKey, bundle: &Bundle) -> Result<SocketAddr, String> {
+        let fingerprint = format!(
+            "{}{}",
+            bundle.get(tls::CA).unwrap_or_default().len(),
+            bundle.get(tls::SERVER_CERT).unwrap_or_default()
+        );
+        {
+            let t = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = t.get(key) {
+                if t.ca_fingerprint == fingerprint {
+                    return Ok(t.agent_addr);
+                }
+            }
+        }
+        self.stop_tunnel(key);
+        let agent_tls = tls::agent_listener(bundle).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("binding the agent listener: {e}"))?;
+        let agent_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let dir = self.settings.state_dir.join("konnectivity");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let uid_short: String = key.name.chars().take(40).collect();
+        let connect_uds = dir.join(format!("{uid_short}.sock"));
+        let _ = std::fs::remove_file(&connect_uds);
+        let uds = tokio::net::UnixListener::bind(&connect_uds)
+            .map_err(|e| format!("binding {}: {e}", connect_uds.display()))?;
+        let server = Server::new(ServerConfig::new(format!("kmetal-{}", key.name), 1));
+        let (stop, rx) = watch::channel(false);
+        let stopped = move |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let s = server.clone();
+        let r = rx.clone();
+        tokio::spawn(async move { s.serve_agents(listener, agent_tls, stopped(r)).await });
+        let s = server.clone();
+        tokio::spawn(async move {
+            s.serve_connect(ConnectListener::Unix(uds), stopped(rx))
+                .await
+        });
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key.clone(),
+                Tunnel {
+                    server,
+                    agent_addr,
+                    connect_uds,
+                    ca_fingerprint: fingerprint,
+                    stop,
+                },
+            );
+        Ok(agent_addr)
+    }
+
+    fn stop_tunnel(&self, key: &ObjectKey) {
+        let t = self
+            .tunnels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        drop(t);
+    }
+
+    /// The finalizer: tunnel, datastore slice, secrets; then the object itself.
+    async fn finalize(
+        &self,
+        key: &ObjectKey,
+        tcp: &TenantControlPlane,
+        revision: i64,
+        mut status: TenantControlPlaneStatus,
+    ) -> Result<Outcome, ReconcileError> {
+        self.stop_tunnel(key);
+        self.placements.lock().await.remove(key);
+        let mut tcp = tcp.clone();
+        tcp.apply_defaults();
+        let ds = status
+            .storage
+            .data_store_name
+            .clone()
+            .or_else(|| tcp.spec.data_store.clone())
+            .unwrap_or_else(|| self.settings.default_datastore.clone());
+        if let Err(e) = self.deprovision(&tcp, &ds).await {
+            set_condition(
+                &mut status,
+                "Ready",
+                false,
+                "DeprovisionFailed",
+                e.to_string(),
+            );
+            let stored = self.store.get(key).await?;
+            if let Some(stored) = stored {
+                let mut v = stored.value.clone();
+                v["status"] = serde_json::to_value(&status).unwrap_or(json!({}));
+                let _ = self.store.put_if(key, &v, stored.revision).await?;
+            }
+            return Ok(Outcome::NotReady(format!("deprovision: {e}")));
+        }
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        self.store.delete_secrets_of(ns, &key.name).await?;
+        if let Some(out) = &self.settings.out {
+            let _ = std::fs::remove_dir_all(out.join(&key.name));
+        }
+        // Drop our finalizer; the object goes when no finalizer is left.
+        let Some(stored) = self.store.get(key).await? else {
+            return Ok(Outcome::Gone);
+        };
+        let mut v = stored.value.clone();
+        let rest: Vec<serde_json::Value> = v["metadata"]["finalizers"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter(|x| x.as_str() != Some(FINALIZER))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let gone = if rest.is_empty() {
+            self.store.delete_if(key, stored.revision).await?
+        } else {
+            v["metadata"]["finalizers"] = json!(rest);
+            self.store.put_if(key, &v, stored.revision).await?
+        };
+        let _ = revision;
+        Ok(if gone {
+            Outcome::Gone
+        } else {
+            Outcome::NotReady("conflict".into())
+        })
+    }
+}
+
+/// How long to wait before retrying a tenant that is not ready, after `failures` attempts.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << failures.min(8))).min(Duration::from_secs(30))
+}
