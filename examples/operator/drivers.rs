@@ -56,9 +56,17 @@ pub enum DriverError {
 
 /// A connected DataStore.
 pub enum Driver {
-    Sqlite { provisioner: SqliteProvisioner },
-    Etcd { provisioner: Box<EtcdProvisioner> },
-    Postgres { provisioner: PgProvisioner },
+    Sqlite {
+        provisioner: SqliteProvisioner,
+    },
+    Etcd {
+        provisioner: Box<EtcdProvisioner>,
+        /// The DataStore's CA (certificate, key): tenants' client certificates are signed with it.
+        ca: Option<(String, String)>,
+    },
+    Postgres {
+        provisioner: PgProvisioner,
+    },
 }
 
 /// What the tenant's control plane needs to reach its slice (stored as the tenant's
@@ -165,6 +173,15 @@ impl Driver {
                     })
                     .collect();
                 let mut cfg = EtcdConfig::new(endpoints);
+                let ca_key = resolve(
+                    store,
+                    &name,
+                    "spec.tlsConfig.certificateAuthority.privateKey",
+                    tls.and_then(|t| t.certificate_authority.as_ref())
+                        .and_then(|c| c.private_key.as_ref()),
+                )
+                .await?;
+                let signing_ca = ca.clone().zip(ca_key);
                 if let Some(ca) = ca {
                     let cert = resolve(
                         store,
@@ -202,6 +219,7 @@ impl Driver {
                     .map_err(provision_err)?;
                 Ok(Driver::Etcd {
                     provisioner: Box::new(provisioner),
+                    ca: signing_ca,
                 })
             }
             DriverKind::PostgreSql => {
@@ -224,6 +242,14 @@ impl Driver {
                 name,
                 driver: other.as_str().to_string(),
             }),
+        }
+    }
+
+    /// The CA that signs tenants' datastore client certificates (etcd with a CA key).
+    pub fn signing_ca(&self) -> Option<&(String, String)> {
+        match self {
+            Driver::Etcd { ca, .. } => ca.as_ref(),
+            _ => None,
         }
     }
 
@@ -254,7 +280,7 @@ impl Driver {
                 let creds = provisioner.provision(slice).await.map_err(err)?;
                 c.insert("path".into(), creds.path.display().to_string());
             }
-            Driver::Etcd { provisioner } => {
+            Driver::Etcd { provisioner, .. } => {
                 let creds = provisioner.provision(slice).await.map_err(err)?;
                 c.insert("endpoints".into(), creds.endpoints.join(","));
                 c.insert("prefix".into(), format!("/{}/", slice.schema));
@@ -281,7 +307,7 @@ impl Driver {
     pub async fn deprovision(&self, name: &str, slice: &TenantSlice) -> Result<(), DriverError> {
         let r = match self {
             Driver::Sqlite { provisioner } => provisioner.deprovision(slice).await,
-            Driver::Etcd { provisioner } => provisioner.deprovision(slice).await,
+            Driver::Etcd { provisioner, .. } => provisioner.deprovision(slice).await,
             Driver::Postgres { provisioner } => provisioner.deprovision(slice).await,
         };
         r.map_err(|source| DriverError::Provision {
@@ -291,8 +317,13 @@ impl Driver {
     }
 }
 
-/// Opens a tenant's slice from its connection settings, as the tenant's api-server would.
-pub async fn open_slice(name: &str, c: &SliceConfig) -> Result<Arc<dyn Datastore>, DriverError> {
+/// Opens a tenant's slice from its connection settings, as the tenant's api-server would;
+/// `identity` is the tenant's datastore client certificate and key, when it has one.
+pub async fn open_slice(
+    name: &str,
+    c: &SliceConfig,
+    identity: Option<(String, String)>,
+) -> Result<Arc<dyn Datastore>, DriverError> {
     let get = |k: &str| c.get(k).cloned().unwrap_or_default();
     let open_err = |source| DriverError::Open {
         name: name.into(),
@@ -315,7 +346,7 @@ pub async fn open_slice(name: &str, c: &SliceConfig) -> Result<Arc<dyn Datastore
             if let Some(ca) = c.get("ca.crt") {
                 cfg = cfg.with_tls(EtcdTls {
                     ca_pem: ca.clone(),
-                    identity: None,
+                    identity,
                     domain: None,
                 });
             }

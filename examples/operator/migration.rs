@@ -35,8 +35,9 @@ pub async fn migrate(
     if old.get("dataStore").map(String::as_str) == Some(to) {
         return Ok(());
     }
-    let source = open_slice(from, &old).await?;
-    let dest = open_slice(to, target).await?;
+    let identity = r.datastore_identity(key).await?;
+    let source = open_slice(from, &old, identity.clone()).await?;
+    let dest = open_slice(to, target, identity).await?;
     let live = MigratableStore::new(source);
     let report = copy(&live, dest, |_| {}).await?;
     tracing::info!(tenant = %key.name, keys = report.keys, leases = report.leases, hash = %report.content_hash, "migrated");

@@ -458,7 +458,7 @@ impl Reconciler {
             }
         }
         if let Some(out) = &self.settings.out {
-            if let Err(e) = bundle.write_dir(&out.join(&key.name)) {
+            if let Err(e) = write_out(&bundle, out, &key.name) {
                 set_condition(
                     &mut status,
                     "CertificatesWritten",
@@ -524,7 +524,14 @@ impl Reconciler {
             format!("{h}:{p}")
         });
         status.control_plane_endpoint = endpoint.ok();
-        set_phase(&mut status, Phase::Ready);
+        set_phase(
+            &mut status,
+            if bundle.rotation_in_progress() {
+                Phase::CertificateAuthorityRotating
+            } else {
+                Phase::Ready
+            },
+        );
         set_condition(&mut status, "Ready", true, "Ready", String::new());
         self.finish(key, stored, status, generation, true, "").await
     }
@@ -612,6 +619,20 @@ impl Reconciler {
             .await
     }
 
+    /// The tenant's datastore client certificate and key, if its PKI has one.
+    pub async fn datastore_identity(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        let Some(map) = self.store.secret(ns, &format!("{}-pki", key.name)).await? else {
+            return Ok(None);
+        };
+        let cert = map.get("pki.datastore-client.crt").cloned();
+        let k = map.get("pki.datastore-client.key").cloned();
+        Ok(cert.zip(k))
+    }
+
     /// Removes a slice of `ds_name`.
     pub async fn deprovision(
         &self,
@@ -629,7 +650,7 @@ impl Reconciler {
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
-        _ds_name: &str,
+        ds_name: &str,
     ) -> Result<Bundle, String> {
         let ns = key.namespace.as_deref().unwrap_or("default");
         let name = format!("{}-pki", key.name);
@@ -661,7 +682,17 @@ impl Reconciler {
             }
             return Ok(bundle);
         }
-        let spec = PkiSpec::from_tenant(tcp).map_err(|e| e.to_string())?;
+        let mut spec = PkiSpec::from_tenant(tcp).map_err(|e| e.to_string())?;
+        // Kamaji's model for etcd: the tenant authenticates with a client certificate (CN =
+        // its etcd user) signed by the DataStore's CA.
+        let driver = self.driver(ds_name).await.map_err(|e| e.to_string())?;
+        if let Some((cert, key)) = driver.signing_ca() {
+            spec.datastore = Some(kmetal::pki::spec::DatastoreIssuer {
+                user: tcp.spec.data_store_username.clone().unwrap_or_default(),
+                ca_cert_pem: cert.clone(),
+                ca_key_pem: key.clone(),
+            });
+        }
         let bundle = Bundle::generate(&spec).map_err(|e| e.to_string())?;
         self.store
             .put_secret(ns, &name, &key.name, &bundle.to_secret_map())
@@ -802,6 +833,17 @@ impl Reconciler {
             Outcome::NotReady("conflict".into())
         })
     }
+}
+
+/// Writes the bundle to `out/<name>` as a whole: into a fresh folder, then swapped in, so
+/// files of an earlier state (a finished CA rotation's old CA) never linger.
+fn write_out(bundle: &Bundle, out: &std::path::Path, name: &str) -> Result<(), String> {
+    let target = out.join(name);
+    let fresh = out.join(format!(".{name}.new"));
+    let _ = std::fs::remove_dir_all(&fresh);
+    bundle.write_dir(&fresh).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&fresh, &target).map_err(|e| format!("{}: {e}", target.display()))
 }
 
 /// How long to wait before retrying a tenant that is not ready, after `failures` attempts.

@@ -292,6 +292,11 @@ impl EtcdCluster {
         self.ca.as_ref().map(|c| c.cert_pem.as_str())
     }
 
+    /// The test CA's private key (TLS clusters only), PEM.
+    pub fn ca_key_pem(&self) -> Option<&str> {
+        self.ca.as_ref().map(|c| c.key_pem.as_str())
+    }
+
     /// A client certificate with CN `user`, signed by the cluster's CA (TLS clusters only).
     pub fn client_cert(&self, user: &str) -> Result<Option<Pem>, EtcdError> {
         Ok(self.ca.as_ref().map(|c| c.client(user)).transpose()?)

@@ -40,6 +40,9 @@ pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate, PEM.
     pub cert_pem: String,
+    /// The CA's private key, PEM (for operators that sign tenant certificates with it, as
+    /// Kamaji does with an etcd DataStore's CA).
+    pub key_pem: String,
 }
 
 impl std::fmt::Debug for TestCa {
@@ -62,6 +65,7 @@ impl TestCa {
         let cert = params.self_signed(&key).map_err(TlsError::Generate)?;
         Ok(Self {
             cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         })
     }

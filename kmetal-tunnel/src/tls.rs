@@ -9,8 +9,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// The cluster CA (during a CA rotation it holds the old and the new CA).
+/// The cluster CA.
 pub const CA: &str = "pki/ca.crt";
+/// During a CA rotation: the new and the old cluster CA, trusted side by side.
+pub const CA_BUNDLE: &str = "pki/ca-bundle.crt";
 /// The server certificate of the agent listener and the mTLS frontend.
 pub const SERVER_CERT: &str = "pki/konnectivity-server.crt";
 /// Its key.
@@ -52,6 +54,12 @@ pub enum TlsError {
     /// The client verifier could not be built from the CA.
     #[error("client verifier: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+}
+
+/// The CAs to trust: both during a CA rotation, so peers holding certificates from the old
+/// CA keep working until the rotation is finalized.
+fn trust(bundle: &Bundle) -> Result<&str, TlsError> {
+    bundle.get(CA_BUNDLE).map_or_else(|| file(bundle, CA), Ok)
 }
 
 fn file<'a>(bundle: &'a Bundle, name: &str) -> Result<&'a str, TlsError> {
@@ -150,7 +158,7 @@ pub fn client_config(
 /// gRPC clients insist on).
 pub fn agent_listener(bundle: &Bundle) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     server_config(
-        file(bundle, CA)?,
+        trust(bundle)?,
         file(bundle, SERVER_CERT)?,
         file(bundle, SERVER_KEY)?,
         &[b"h2"],
@@ -160,7 +168,7 @@ pub fn agent_listener(bundle: &Bundle) -> Result<Arc<rustls::ServerConfig>, TlsE
 /// The mTLS CONNECT frontend's configuration from a tenant bundle.
 pub fn connect_listener(bundle: &Bundle) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     server_config(
-        file(bundle, CA)?,
+        trust(bundle)?,
         file(bundle, SERVER_CERT)?,
         file(bundle, SERVER_KEY)?,
         &[b"http/1.1"],
@@ -170,7 +178,7 @@ pub fn connect_listener(bundle: &Bundle) -> Result<Arc<rustls::ServerConfig>, Tl
 /// The agent's client configuration from a tenant bundle.
 pub fn agent_client(bundle: &Bundle) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     client_config(
-        file(bundle, CA)?,
+        trust(bundle)?,
         file(bundle, AGENT_CERT)?,
         file(bundle, AGENT_KEY)?,
         &[b"h2"],
@@ -180,7 +188,7 @@ pub fn agent_client(bundle: &Bundle) -> Result<Arc<rustls::ClientConfig>, TlsErr
 /// A frontend client's configuration from a tenant bundle (the api-server's identity).
 pub fn connect_client(bundle: &Bundle) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     client_config(
-        file(bundle, CA)?,
+        trust(bundle)?,
         file(bundle, FRONTEND_CERT)?,
         file(bundle, FRONTEND_KEY)?,
         &[b"http/1.1"],
