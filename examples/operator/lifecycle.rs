@@ -58,16 +58,3 @@ pub fn certificates(
     }
     Ok(changed)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_minor_at_a_time_never_down() {
-        assert!(check_upgrade("v1.29.3", "v1.30.0").is_ok());
-        assert!(check_upgrade("v1.29.3", "v1.29.9").is_ok());
-        assert!(check_upgrade("v1.29.3", "v1.31.0").is_err());
-        assert!(check_upgrade("v1.30.0", "v1.29.9").is_err());
-    }
-}

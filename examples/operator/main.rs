@@ -14,8 +14,10 @@
 //! convergence, prints a status table (or JSON) and exits 1 if any tenant is not Ready.
 
 mod drivers;
+mod leader;
 mod lifecycle;
 mod migration;
+mod observe;
 mod reconcile;
 mod run;
 mod status;

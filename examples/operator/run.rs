@@ -1,5 +1,6 @@
-//! `run`: watch the management store and reconcile (workers, requeue with backoff, periodic
-//! resync), or with `--once` reconcile to convergence and report; and the no-argument demo.
+//! `run`: lead the region (or stand by), watch the management store and reconcile (workers,
+//! requeue with backoff, periodic resync), or with `--once` reconcile to convergence and
+//! report; and the no-argument demo.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -7,15 +8,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kmetal::datastore::model::WatchRequest;
+use kmetal::datastore::model::{RangeRequest, WatchRequest};
 use kmetal::pki::RenewalPolicy;
 use kmetal::topology::model::Topology;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::Format;
+use crate::observe::Metrics;
 use crate::reconcile::{Outcome, Reconciler, Settings, backoff};
 use crate::status::{TenantRow, tenants_table};
-use crate::store::{Kind, ObjectKey, PREFIX, Store};
+use crate::store::{Kind, ObjectKey, PREFIX, Store, Stored};
+
+/// The label that assigns a tenant to a region (unlabelled tenants belong to `default`).
+pub const REGION_LABEL: &str = "kmetal.io/region";
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -49,6 +54,16 @@ pub struct RunArgs {
     /// `--once` gives up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// The region this controller serves (tenants labelled `kmetal.io/region: NAME`). One
+    /// controller per region leads at a time; the others stand by.
+    #[arg(long, default_value = "default")]
+    region: String,
+    /// This controller's identity in leader election (default: host name and process id).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Seconds a leader's lease lasts without renewal (a successor waits at most this long).
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
 }
 
 pub fn init_logs() {
@@ -64,8 +79,24 @@ pub fn init_logs() {
         .init();
 }
 
-async fn reconciler(args: &RunArgs) -> Result<(Arc<Reconciler>, Store), String> {
+fn identity(args: &RunArgs) -> String {
+    args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    })
+}
+
+/// The reconciler (writing through `fence`: only while this process leads the region) and
+/// the plain store.
+async fn reconciler(
+    args: &RunArgs,
+    fence: Option<String>,
+) -> Result<(Arc<Reconciler>, Store), String> {
     let store = crate::open_store(&args.state).await?;
+    let writer = match fence {
+        Some(id) => store.fenced(crate::leader::key(&args.region), id),
+        None => store.clone(),
+    };
     let topology = match &args.topology {
         Some(p) => Some(Arc::new(
             Topology::from_file(p).map_err(|e| format!("--topology {}: {e}", p.display()))?,
@@ -81,15 +112,27 @@ async fn reconciler(args: &RunArgs) -> Result<(Arc<Reconciler>, Store), String> 
         default_datastore: args.default_datastore.clone(),
         renewal: RenewalPolicy::default(),
     };
-    Ok((Arc::new(Reconciler::new(store.clone(), settings)), store))
+    Ok((Arc::new(Reconciler::new(writer, settings)), store))
 }
 
-async fn tenant_keys(store: &Store) -> Result<Vec<ObjectKey>, String> {
+fn in_region(s: &Stored, region: &str) -> bool {
+    s.value["metadata"]["labels"][REGION_LABEL]
+        .as_str()
+        .unwrap_or("default")
+        == region
+}
+
+/// The tenants of `region`.
+async fn tenant_keys(store: &Store, region: &str) -> Result<Vec<ObjectKey>, String> {
     let (list, _) = store
         .list(Kind::TenantControlPlane)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(list.into_iter().map(|s| s.key).collect())
+    Ok(list
+        .into_iter()
+        .filter(|s| in_region(s, region))
+        .map(|s| s.key)
+        .collect())
 }
 
 /// Reconciles `keys` with at most `workers` at a time.
@@ -98,17 +141,20 @@ async fn pass(
     keys: Vec<ObjectKey>,
     workers: usize,
     done: &Arc<AtomicUsize>,
+    metrics: &Arc<Metrics>,
 ) -> Vec<(ObjectKey, Outcome)> {
     let gate = Arc::new(Semaphore::new(workers.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for key in keys {
-        let (r, gate, done) = (r.clone(), gate.clone(), done.clone());
+        let (r, gate, done, metrics) = (r.clone(), gate.clone(), done.clone(), metrics.clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await;
+            let started = Instant::now();
             let outcome = match r.reconcile(&key).await {
                 Ok(o) => o,
                 Err(e) => Outcome::NotReady(e.to_string()),
             };
+            metrics.observe_reconcile(started.elapsed());
             done.fetch_add(1, Ordering::Relaxed);
             (key, outcome)
         });
@@ -122,36 +168,38 @@ async fn pass(
     out
 }
 
-/// Reconciles every tenant until all are Ready (or gone), nothing changes any more, or the
-/// timeout passes. Returns whether every tenant is Ready.
-pub async fn converge(
-    r: &Arc<Reconciler>,
-    store: &Store,
-    workers: usize,
-    timeout: Duration,
-    progress: bool,
-) -> Result<bool, String> {
-    let deadline = Instant::now() + timeout;
+/// What `converge` works on.
+pub struct Converge<'a> {
+    pub region: &'a str,
+    pub workers: usize,
+    pub timeout: Duration,
+    pub progress: bool,
+    pub metrics: &'a Arc<Metrics>,
+}
+
+/// Reconciles every tenant of the region until all are Ready (or gone), the same tenants
+/// fail for the same reasons three passes in a row, or the timeout passes. Returns whether
+/// every tenant is Ready.
+pub async fn converge(r: &Arc<Reconciler>, store: &Store, c: Converge<'_>) -> Result<bool, String> {
+    let deadline = Instant::now() + c.timeout;
     let done = Arc::new(AtomicUsize::new(0));
     let mut attempt = 0u32;
     let mut last: Option<Vec<(ObjectKey, String)>> = None;
     let mut stable = 0;
-    let total = tenant_keys(store).await?.len();
-    let reporter = progress.then(|| {
+    let mut keys = tenant_keys(store, c.region).await?;
+    let total = keys.len();
+    let reporter = c.progress.then(|| {
         let done = done.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                eprintln!(
-                    "reconciling: {} of {total} tenants done",
-                    done.load(Ordering::Relaxed).min(total)
-                );
+                let n = done.load(Ordering::Relaxed).min(total);
+                eprintln!("reconciling: {n} of {total} tenants done");
             }
         })
     });
-    let mut keys = tenant_keys(store).await?;
     let ready = loop {
-        let outcomes = pass(r, keys.clone(), workers, &done).await;
+        let outcomes = pass(r, keys.clone(), c.workers, &done, c.metrics).await;
         let mut pending: Vec<(ObjectKey, String)> = outcomes
             .into_iter()
             .filter_map(|(k, o)| match o {
@@ -163,7 +211,6 @@ pub async fn converge(
         if pending.is_empty() {
             break true;
         }
-        // The same tenants failing for the same reasons three passes in a row: converged.
         if last.as_ref() == Some(&pending) && pending.iter().all(|(_, w)| w != "conflict") {
             stable += 1;
         } else {
@@ -183,12 +230,16 @@ pub async fn converge(
     Ok(ready)
 }
 
-pub async fn report(store: &Store, format: Format) -> Result<bool, String> {
+pub async fn report(store: &Store, region: &str, format: Format) -> Result<bool, String> {
     let (list, _) = store
         .list(Kind::TenantControlPlane)
         .await
         .map_err(|e| e.to_string())?;
-    let rows: Vec<TenantRow> = list.iter().map(TenantRow::of).collect();
+    let rows: Vec<TenantRow> = list
+        .iter()
+        .filter(|s| in_region(s, region))
+        .map(TenantRow::of)
+        .collect();
     match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = rows.iter().map(TenantRow::to_json).collect();
@@ -215,26 +266,56 @@ async fn shutdown_signal() {
     }
 }
 
+/// Sends every tenant key of `region` to `tx`.
+async fn enqueue_all(store: &Store, region: &str, tx: &mpsc::UnboundedSender<ObjectKey>) {
+    for k in tenant_keys(store, region).await.unwrap_or_default() {
+        let _ = tx.send(k);
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<u8, String> {
-    let (r, store) = reconciler(&args).await?;
+    let me = identity(&args);
+    let (r, store) = reconciler(&args, Some(me.clone())).await?;
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut leading = crate::leader::campaign(
+        store.clone(),
+        &args.region,
+        &me,
+        Duration::from_secs(args.lease_ttl),
+        stop_rx,
+    );
     if args.once {
-        let many = tenant_keys(&store).await?.len() > 20 && args.format == Format::Text;
-        converge(
-            &r,
-            &store,
-            args.workers,
-            Duration::from_secs(args.timeout),
-            many,
-        )
-        .await?;
-        let ready = report(&store, args.format).await?;
+        // Lead the region for the pass (a killed predecessor's lease has to run out first).
+        let timeout = Duration::from_secs(args.timeout);
+        let won = tokio::time::timeout(timeout, leading.wait_for(|l| *l)).await;
+        if !matches!(won, Ok(Ok(_))) {
+            return Err(format!(
+                "region {}: another controller leads it; not reconciling",
+                args.region
+            ));
+        }
+        let many = tenant_keys(&store, &args.region).await?.len() > 20;
+        let c = Converge {
+            region: &args.region,
+            workers: args.workers,
+            timeout,
+            progress: many && args.format == Format::Text,
+            metrics: &metrics,
+        };
+        converge(&r, &store, c).await?;
+        let _ = stop_tx.send(true);
+        let ready = report(&store, &args.region, args.format).await?;
         return Ok(if ready { 0 } else { 1 });
     }
+    if let Some(listen) = &args.listen {
+        crate::observe::serve(listen, metrics.clone(), store.clone(), r.clone()).await?;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel::<ObjectKey>();
-    // Watch first, then list: nothing changes unseen in between.
+    // Watch from the current revision, then list: nothing changes unseen in between.
     let start = store
         .datastore()
-        .range(kmetal::datastore::model::RangeRequest::get("/").count_only())
+        .range(RangeRequest::get("/").count_only())
         .await
         .map_err(|e| e.to_string())?
         .revision;
@@ -243,11 +324,31 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
         .watch(WatchRequest::prefix(PREFIX, start + 1))
         .await
         .map_err(|e| e.to_string())?;
-    for k in tenant_keys(&store).await? {
-        let _ = tx.send(k);
+    {
+        // Whoever becomes leader starts with a full pass.
+        let (tx, store, metrics, region) = (
+            tx.clone(),
+            store.clone(),
+            metrics.clone(),
+            args.region.clone(),
+        );
+        let mut leading = leading.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = *leading.borrow_and_update();
+                metrics.leader.store(now, Ordering::Release);
+                if now {
+                    enqueue_all(&store, &region, &tx).await;
+                }
+                metrics.synced.store(true, Ordering::Release);
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
     {
-        let (tx, store) = (tx.clone(), store.clone());
+        let (tx, store, region) = (tx.clone(), store.clone(), args.region.clone());
         tokio::spawn(async move {
             while let Some(Ok(batch)) = watch.next().await {
                 let mut all = false;
@@ -260,26 +361,25 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
                             let _ =
                                 tx.send(ObjectKey::new(Kind::TenantControlPlane, Some(ns), name));
                         }
+                        // The Secrets the operator writes for tenants change nothing to do.
+                        ["Secret", ..]
+                            if ev.kv.value.windows(16).any(|w| w == b"kmetal.io/tenant") => {}
                         _ => all = true,
                     }
                 }
                 if all {
-                    for k in tenant_keys(&store).await.unwrap_or_default() {
-                        let _ = tx.send(k);
-                    }
+                    enqueue_all(&store, &region, &tx).await;
                 }
             }
         });
     }
     {
         // Periodic resync: certificate deadlines pass without any write to the store.
-        let (tx, store) = (tx.clone(), store.clone());
+        let (tx, store, region) = (tx.clone(), store.clone(), args.region.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
-                for k in tenant_keys(&store).await.unwrap_or_default() {
-                    let _ = tx.send(k);
-                }
+                enqueue_all(&store, &region, &tx).await;
             }
         });
     }
@@ -293,6 +393,10 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
             k = rx.recv() => match k { Some(k) => k, None => break },
             _ = &mut signal => break,
         };
+        // A standby keeps its queue empty; if it becomes leader it lists everything anew.
+        if !*leading.borrow_and_update() {
+            continue;
+        }
         if !in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -300,45 +404,75 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
         {
             continue;
         }
-        let (r, gate, in_flight, failures, tx) = (
-            r.clone(),
-            gate.clone(),
-            in_flight.clone(),
-            failures.clone(),
-            tx.clone(),
-        );
-        tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await;
-            let outcome = r.reconcile(&key).await;
-            in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            let retry = match outcome {
-                Ok(Outcome::Ready) | Ok(Outcome::Gone) => {
-                    failures
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&key);
-                    None
-                }
-                Ok(Outcome::NotReady(why)) => Some(why),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(why) = retry {
-                let n = {
-                    let mut f = failures.lock().unwrap_or_else(|e| e.into_inner());
-                    let n = f.entry(key.clone()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                tracing::info!(tenant = %key.display(), reason = %why, attempt = n, "not ready; requeued");
-                tokio::time::sleep(backoff(n)).await;
-                let _ = tx.send(key);
-            }
-        });
+        let worker = Worker {
+            r: r.clone(),
+            gate: gate.clone(),
+            in_flight: in_flight.clone(),
+            failures: failures.clone(),
+            tx: tx.clone(),
+            metrics: metrics.clone(),
+            leading: leading.clone(),
+            me: me.clone(),
+        };
+        tokio::spawn(worker.reconcile(key));
     }
+    // Hand the region over at once instead of after the lease's TTL.
+    let _ = stop_tx.send(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(0)
+}
+
+/// What one reconcile in the long-running loop needs.
+struct Worker {
+    r: Arc<Reconciler>,
+    gate: Arc<Semaphore>,
+    in_flight: Arc<std::sync::Mutex<HashSet<ObjectKey>>>,
+    failures: Arc<std::sync::Mutex<HashMap<ObjectKey, u32>>>,
+    tx: mpsc::UnboundedSender<ObjectKey>,
+    metrics: Arc<Metrics>,
+    leading: watch::Receiver<bool>,
+    me: String,
+}
+
+impl Worker {
+    async fn reconcile(self, key: ObjectKey) {
+        let _permit = self.gate.acquire_owned().await;
+        let outcome = if *self.leading.borrow() {
+            let started = Instant::now();
+            let outcome = self.r.reconcile(&key).await;
+            self.metrics.observe_reconcile(started.elapsed());
+            tracing::info!(tenant = %key.display(), by = %self.me, ?outcome, "reconciled");
+            Some(outcome)
+        } else {
+            None
+        };
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let retry = match outcome {
+            None | Some(Ok(Outcome::Ready)) | Some(Ok(Outcome::Gone)) => {
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                None
+            }
+            Some(Ok(Outcome::NotReady(why))) => Some(why),
+            Some(Err(e)) => Some(e.to_string()),
+        };
+        if let Some(why) = retry {
+            let n = {
+                let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                let n = f.entry(key.clone()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            tracing::info!(tenant = %key.display(), reason = %why, attempt = n, "not ready; requeued");
+            tokio::time::sleep(backoff(n)).await;
+            let _ = self.tx.send(key);
+        }
+    }
 }
 
 /// The no-argument demo: the bundled demo manifests and under-cluster topology on a fresh
@@ -366,22 +500,26 @@ pub async fn demo() -> Result<u8, String> {
         state_dir: dir.clone(),
         workers: 8,
         timeout: 120,
+        region: "default".into(),
+        identity: None,
+        lease_ttl: 10,
     };
     let started = Instant::now();
-    let (r, store) = reconciler(&args).await?;
-    let ready = converge(
-        &r,
-        &store,
-        args.workers,
-        Duration::from_secs(args.timeout),
-        false,
-    )
-    .await?;
+    let (r, store) = reconciler(&args, None).await?;
+    let metrics = Metrics::new();
+    let c = Converge {
+        region: "default",
+        workers: args.workers,
+        timeout: Duration::from_secs(args.timeout),
+        progress: false,
+        metrics: &metrics,
+    };
+    let ready = converge(&r, &store, c).await?;
     println!(
         "\nreconciled in {:.2} s:\n",
         started.elapsed().as_secs_f64()
     );
-    report(&store, Format::Text).await?;
+    report(&store, "default", Format::Text).await?;
     println!(
         "\n  PKI and kubeconfigs: {}/<tenant>/ (pki/, admin.conf, ...)",
         dir.join("tenants").display()

@@ -133,6 +133,8 @@ pub enum StoreError {
     Unnamed(&'static str),
     #[error("{0} is being deleted")]
     BeingDeleted(String),
+    #[error("{0}: this process no longer leads its region; write refused")]
+    Fenced(String),
     #[error("{0}: stored object is not valid JSON: {1}")]
     Corrupt(String, #[source] serde_json::Error),
 }
@@ -149,6 +151,8 @@ pub enum Applied {
 #[derive(Clone)]
 pub struct Store {
     ds: Arc<dyn Datastore>,
+    /// Writes succeed only while this key holds this value (a region's leader key).
+    fence: Option<Arc<(String, String)>>,
 }
 
 /// An RFC 3339 UTC timestamp (seconds).
@@ -177,7 +181,23 @@ pub fn now_rfc3339() -> String {
 
 impl Store {
     pub fn new(ds: Arc<dyn Datastore>) -> Self {
-        Self { ds }
+        Self { ds, fence: None }
+    }
+
+    /// The same store, with every write fenced on `key` still holding `value`.
+    pub fn fenced(&self, key: String, value: String) -> Self {
+        Self {
+            ds: self.ds.clone(),
+            fence: Some(Arc::new((key, value))),
+        }
+    }
+
+    fn guards(&self, key: &ObjectKey, revision: i64) -> Vec<Compare> {
+        let mut c = vec![Compare::mod_revision(key.key(), CompareOp::Equal, revision)];
+        if let Some(f) = &self.fence {
+            c.push(Compare::value(f.0.clone(), CompareOp::Equal, f.1.clone()));
+        }
+        c
     }
 
     pub fn datastore(&self) -> &Arc<dyn Datastore> {
@@ -230,7 +250,7 @@ impl Store {
         }
         let body = serde_json::to_vec(&value).map_err(|e| StoreError::Corrupt(key.display(), e))?;
         let txn = TxnRequest {
-            compare: vec![Compare::mod_revision(key.key(), CompareOp::Equal, revision)],
+            compare: self.guards(key, revision),
             success: vec![RequestOp::Put(PutRequest::new(key.key(), body))],
             failure: vec![],
         };
@@ -240,7 +260,7 @@ impl Store {
     /// Removes the key if it is still at `revision`. Ok(false) on conflict.
     pub async fn delete_if(&self, key: &ObjectKey, revision: i64) -> Result<bool, StoreError> {
         let txn = TxnRequest {
-            compare: vec![Compare::mod_revision(key.key(), CompareOp::Equal, revision)],
+            compare: self.guards(key, revision),
             success: vec![RequestOp::DeleteRange(DeleteRangeRequest::key(key.key()))],
             failure: vec![],
         };
@@ -310,6 +330,7 @@ impl Store {
             if self.put_if(&key, &next, revision).await? {
                 return Ok((key, outcome));
             }
+            self.check_fence(&key).await?;
         }
     }
 
@@ -336,6 +357,18 @@ impl Store {
             if done {
                 return Ok(true);
             }
+            self.check_fence(key).await?;
+        }
+    }
+
+    /// After a refused write: an error if the fence (not a concurrent change) refused it.
+    async fn check_fence(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let Some(f) = &self.fence else { return Ok(()) };
+        let r = self.ds.range(RangeRequest::get(f.0.clone())).await?;
+        if r.kvs.first().is_some_and(|kv| kv.value == f.1.as_bytes()) {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced(key.display()))
         }
     }
 
