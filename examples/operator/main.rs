@@ -309,6 +309,9 @@ async fn delete(what: String, namespace: Option<String>, state: String) -> Resul
 fn main() -> ExitCode {
     let cli = Cli::parse();
     run::init_logs();
+    // Every tenant's Konnectivity server holds sockets: lift the soft open-files limit to the
+    // hard one (1024 by default on many systems).
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

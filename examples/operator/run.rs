@@ -266,6 +266,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// This process's peak resident memory (VmHWM), KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Sends every tenant key of `region` to `tx`.
 async fn enqueue_all(store: &Store, region: &str, tx: &mpsc::UnboundedSender<ObjectKey>) {
     for k in tenant_keys(store, region).await.unwrap_or_default() {
@@ -295,7 +305,9 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
                 args.region
             ));
         }
-        let many = tenant_keys(&store, &args.region).await?.len() > 20;
+        let count = tenant_keys(&store, &args.region).await?.len();
+        let many = count > 20;
+        let started = Instant::now();
         let c = Converge {
             region: &args.region,
             workers: args.workers,
@@ -304,8 +316,14 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
             metrics: &metrics,
         };
         converge(&r, &store, c).await?;
+        let took = started.elapsed();
         let _ = stop_tx.send(true);
         let ready = report(&store, &args.region, args.format).await?;
+        eprintln!(
+            "reconciled {count} tenants in {:.2} s; peak RSS {} KiB",
+            took.as_secs_f64(),
+            peak_rss_kib()
+        );
         return Ok(if ready { 0 } else { 1 });
     }
     if let Some(listen) = &args.listen {
