@@ -119,6 +119,42 @@ impl Env {
     }
 }
 
+/// Every status the operator wrote for tenant `name`, oldest first (read back from the
+/// management store's revision history).
+async fn history(env: &Env, name: &str) -> Vec<Value> {
+    use kmetal::datastore::Datastore;
+    use kmetal::datastore::model::RangeRequest;
+    let path = env.path("management.db");
+    let store = kmetal::datastore::sqlite::SqliteStore::open(
+        kmetal::datastore::sqlite::SqliteConfig::new(path),
+    )
+    .await
+    .expect("management store");
+    let key = format!("/kmetal/objects/TenantControlPlane/tenants/{name}");
+    let now = store
+        .range(RangeRequest::get(key.clone()))
+        .await
+        .expect("get");
+    let first = now
+        .kvs
+        .first()
+        .map_or(now.revision, |kv| kv.create_revision);
+    let mut out = Vec::new();
+    for rev in first..=now.revision {
+        let r = store
+            .range(RangeRequest::get(key.clone()).at_revision(rev))
+            .await
+            .expect("history");
+        if let Some(kv) = r.kvs.first() {
+            if kv.mod_revision == rev {
+                let v: Value = serde_json::from_slice(&kv.value).expect("json");
+                out.push(v["status"].clone());
+            }
+        }
+    }
+    out
+}
+
 fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["name"] == name)
@@ -345,6 +381,29 @@ fn upgrades_and_ca_rotation_follow_the_rules() {
     let (ready, rows) = env.run_once();
     assert!(ready);
     assert_eq!(row(&rows, "gamma")["version"], "v1.30.1");
+    // The rollout was visible: phase Upgrading, one replica at a time.
+    let steps: Vec<String> = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(history(&env, "gamma"))
+        .iter()
+        .filter(|s| s["kubernetesResources"]["version"]["status"] == "Upgrading")
+        .filter_map(|s| {
+            s["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Upgraded")
+                .and_then(|c| c["message"].as_str().map(str::to_string))
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "v1.29.6 -> v1.30.1: replica 1/2 updated",
+            "v1.29.6 -> v1.30.1: replica 2/2 updated"
+        ]
+    );
 
     let certs_in = |env: &Env, f: &str| {
         std::fs::read_to_string(env.path("out/gamma/pki").join(f))
@@ -602,6 +661,13 @@ async fn etcd_and_postgres_tenants_migrate_and_clean_up() {
     assert!(ready, "{rows:#?}");
     let moved = row(&rows, "on-etcd");
     assert_eq!(moved["driver"], "PostgreSQL");
+    assert!(
+        history(&env, "on-etcd")
+            .await
+            .iter()
+            .any(|s| s["kubernetesResources"]["version"]["status"] == "Migrating"),
+        "phase Migrating was recorded"
+    );
     assert_eq!(moved["dataStore"], "postgres-main");
     let cfg = env
         .secret("tenants", "on-etcd-datastore-config")
@@ -663,4 +729,53 @@ async fn etcd_and_postgres_tenants_migrate_and_clean_up() {
         assert_eq!(n, 0, "role {db} dropped");
     }
     assert_eq!(env.secrets_of("on-etcd") + env.secrets_of("on-pg"), 0);
+}
+
+/// Certificates close to their deadline are renewed by the operator on its own: a tenant
+/// whose PKI was issued 350 days ago gets fresh leaves (same CA), kubeconfigs included.
+#[test]
+fn certificates_near_expiry_are_renewed() {
+    let env = Env::new();
+    env.apply("ds.yaml", SQLITE_DS);
+    env.apply("t.yaml", &tenant("old", "embedded", "v1.30.2", ""));
+    // The tenant's PKI, issued long ago, stored where the operator keeps it.
+    let mut spec = kmetal::pki::PkiSpec::new("old", "old:6443");
+    spec.service_cidr = "10.96.0.0/16".into();
+    let issued = std::time::SystemTime::now() - std::time::Duration::from_secs(350 * 86_400);
+    let bundle = kmetal::pki::Bundle::generate_at(&spec, issued).expect("bundle");
+    let data: Vec<String> = bundle
+        .to_secret_map()
+        .iter()
+        .map(|(k, v)| format!("  {k}: {}", b64(v)))
+        .collect();
+    env.apply(
+        "pki.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: old-pki\n  namespace: tenants\n  labels: {{kmetal.io/tenant: old}}\ndata:\n{}\n",
+            data.join("\n")
+        ),
+    );
+    let old_ca = bundle.get("pki/ca.crt").expect("ca").to_string();
+    let old_admin = bundle.get("admin.conf").expect("admin").to_string();
+    let (ready, rows) = env.run_once();
+    assert!(ready, "{rows:?}");
+    assert_eq!(
+        std::fs::read_to_string(env.path("out/old/pki/ca.crt")).expect("ca"),
+        old_ca,
+        "the CA is kept"
+    );
+    assert_ne!(
+        std::fs::read_to_string(env.path("out/old/admin.conf")).expect("admin"),
+        old_admin,
+        "kubeconfigs re-issued"
+    );
+    let renewed = kmetal::pki::Bundle::load_dir(&env.path("out/old")).expect("load");
+    let report = renewed
+        .expiry_report(std::time::SystemTime::now())
+        .expect("report");
+    let apiserver = report
+        .iter()
+        .find(|e| e.name == "apiserver")
+        .expect("apiserver");
+    assert!(apiserver.residual_seconds > 300 * 86_400, "{apiserver:?}");
 }

@@ -282,7 +282,7 @@ impl Reconciler {
 
     /// Reconciles one tenant.
     pub async fn reconcile(&self, key: &ObjectKey) -> Result<Outcome, ReconcileError> {
-        let Some(stored) = self.store.get(key).await? else {
+        let Some(mut stored) = self.store.get(key).await? else {
             self.stop_tunnel(key);
             self.placements.lock().await.remove(key);
             return Ok(Outcome::Gone);
@@ -364,7 +364,18 @@ impl Reconciler {
             }
         };
         if migrating {
-            // Migration is driven by its own module; until it has run, stay on the old slice.
+            // Observable before the copy starts; until the cut-over the old slice serves.
+            set_phase(&mut status, Phase::Migrating);
+            set_condition(
+                &mut status,
+                "DataStoreMigrated",
+                false,
+                "InProgress",
+                format!("{} -> {ds_name}", previous_ds.clone().unwrap_or_default()),
+            );
+            if !self.checkpoint(key, &mut stored, &status).await? {
+                return Ok(Outcome::NotReady("conflict".into()));
+            }
             if let Err(e) = crate::migration::migrate(
                 self,
                 key,
@@ -495,7 +506,21 @@ impl Reconciler {
         if let Some(running) = running.filter(|r| *r != want) {
             match crate::lifecycle::check_upgrade(&running, &want) {
                 Ok(()) => {
+                    // Rolling: one replica at a time, each step recorded, never all down.
                     set_phase(&mut status, Phase::Upgrading);
+                    let n = status.replicas.len();
+                    for i in 0..n {
+                        set_condition(
+                            &mut status,
+                            "Upgraded",
+                            false,
+                            "RollingOut",
+                            format!("{running} -> {want}: replica {}/{n} updated", i + 1),
+                        );
+                        if !self.checkpoint(key, &mut stored, &status).await? {
+                            return Ok(Outcome::NotReady("conflict".into()));
+                        }
+                    }
                     set_condition(
                         &mut status,
                         "Upgraded",
@@ -534,6 +559,25 @@ impl Reconciler {
         );
         set_condition(&mut status, "Ready", true, "Ready", String::new());
         self.finish(key, stored, status, generation, true, "").await
+    }
+
+    /// Records an intermediate status (a phase others should see while work goes on).
+    async fn checkpoint(
+        &self,
+        key: &ObjectKey,
+        stored: &mut crate::store::Stored,
+        status: &TenantControlPlaneStatus,
+    ) -> Result<bool, ReconcileError> {
+        let mut v = stored.value.clone();
+        v["status"] = serde_json::to_value(status).unwrap_or(json!({}));
+        match self.store.put_at(key, &v, stored.revision).await? {
+            Some(rev) => {
+                stored.value = v;
+                stored.revision = rev;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     async fn finish(

@@ -244,6 +244,16 @@ impl Store {
         value: &Value,
         revision: i64,
     ) -> Result<bool, StoreError> {
+        Ok(self.put_at(key, value, revision).await?.is_some())
+    }
+
+    /// Like [`put_if`](Self::put_if), returning the key's new revision.
+    pub async fn put_at(
+        &self,
+        key: &ObjectKey,
+        value: &Value,
+        revision: i64,
+    ) -> Result<Option<i64>, StoreError> {
         let mut value = value.clone();
         if let Some(m) = value["metadata"].as_object_mut() {
             m.remove("resourceVersion");
@@ -254,7 +264,8 @@ impl Store {
             success: vec![RequestOp::Put(PutRequest::new(key.key(), body))],
             failure: vec![],
         };
-        Ok(self.ds.txn(txn).await?.succeeded)
+        let r = self.ds.txn(txn).await?;
+        Ok(r.succeeded.then_some(r.revision))
     }
 
     /// Removes the key if it is still at `revision`. Ok(false) on conflict.
