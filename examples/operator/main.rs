@@ -13,6 +13,14 @@
 //! `--state` defaults to `sqlite://kmetal-state/management.db`. `run --once` reconciles to
 //! convergence, prints a status table (or JSON) and exits 1 if any tenant is not Ready.
 
+/// `println!` that tolerates a closed stdout (`operator get | head`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 mod drivers;
 mod leader;
 mod lifecycle;
@@ -129,16 +137,16 @@ fn validate_file(file: &Path) -> u8 {
             api_version, kind, ..
         } = &doc.content
         {
-            println!("{shown}: {label}: skipped: {api_version} {kind} is not a kmetal kind");
+            out!("{shown}: {label}: skipped: {api_version} {kind} is not a kmetal kind");
             continue;
         }
         let problems = doc.problems();
         if problems.is_empty() {
-            println!("{label}: ok");
+            out!("{label}: ok");
         } else {
             worst = 1;
             for p in problems {
-                println!("{shown}: {label}: {p}");
+                out!("{shown}: {label}: {p}");
             }
         }
     }
@@ -204,7 +212,7 @@ pub(crate) async fn apply_files(store: &Store, files: &[PathBuf]) -> Result<u8, 
                 _ => continue,
             };
             match store.apply(value).await {
-                Ok((key, outcome)) => println!(
+                Ok((key, outcome)) => out!(
                     "{} {}",
                     key.display(),
                     match outcome {
@@ -275,20 +283,20 @@ async fn get(
             } else {
                 serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values})
             };
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
             );
         }
         Output::Yaml => {
             for s in &objects {
-                println!(
+                out!(
                     "---\n{}",
                     serde_saphyr::to_string(&s.value).map_err(|e| e.to_string())?
                 );
             }
         }
-        Output::Table => print!("{}", status::objects_table(&objects)),
+        Output::Table => out!("{}", status::objects_table(&objects).trim_end()),
     }
     Ok(0)
 }
@@ -299,7 +307,7 @@ async fn delete(what: String, namespace: Option<String>, state: String) -> Resul
     let name = name.ok_or_else(|| format!("{what:?}: expected KIND/NAME"))?;
     let key = ObjectKey::new(kind, namespace.as_deref(), &name);
     if store.delete(&key).await.map_err(|e| e.to_string())? {
-        println!("{} deleted", key.display());
+        out!("{} deleted", key.display());
         Ok(0)
     } else {
         Err(format!("{} not found", key.display()))

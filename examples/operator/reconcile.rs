@@ -216,6 +216,7 @@ impl Reconciler {
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
+        existing: &[ReplicaPlacement],
     ) -> Result<Vec<ReplicaPlacement>, String> {
         let replicas = tcp
             .spec
@@ -226,6 +227,10 @@ impl Reconciler {
             .max(0) as u32;
         let name = tcp.metadata.name.clone().unwrap_or_default();
         let Some(topo) = &self.settings.topology else {
+            // Without a topology, keep what a run with one decided.
+            if existing.len() == replicas as usize {
+                return Ok(existing.to_vec());
+            }
             return Ok((0..replicas)
                 .map(|i| ReplicaPlacement {
                     name: format!("{name}-{i}"),
@@ -317,7 +322,7 @@ impl Reconciler {
         set_condition(&mut status, "Valid", true, "Valid", String::new());
 
         // Place.
-        match self.place(key, &tcp).await {
+        match self.place(key, &tcp, &status.replicas).await {
             Ok(replicas) => {
                 set_condition(
                     &mut status,

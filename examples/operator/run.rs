@@ -243,12 +243,12 @@ pub async fn report(store: &Store, region: &str, format: Format) -> Result<bool,
     match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = rows.iter().map(TenantRow::to_json).collect();
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
             );
         }
-        Format::Text => print!("{}", tenants_table(&rows)),
+        Format::Text => out!("{}", tenants_table(&rows).trim_end()),
     }
     Ok(rows.iter().all(|r| r.ready))
 }
@@ -501,11 +501,11 @@ pub async fn demo() -> Result<u8, String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let state = format!("sqlite://{}/management.db", dir.display());
-    println!("kmetal operator demo");
-    println!("  management store: {state}");
+    out!("kmetal operator demo");
+    out!("  management store: {state}");
     let store = crate::open_store(&state).await?;
     let manifests = root.join("manifests/demo/tenants.yaml");
-    println!("  manifests:        {}", manifests.display());
+    out!("  manifests:        {}", manifests.display());
     crate::apply_files(&store, std::slice::from_ref(&manifests)).await?;
     let args = RunArgs {
         once: true,
@@ -533,24 +533,24 @@ pub async fn demo() -> Result<u8, String> {
         metrics: &metrics,
     };
     let ready = converge(&r, &store, c).await?;
-    println!(
+    out!(
         "\nreconciled in {:.2} s:\n",
         started.elapsed().as_secs_f64()
     );
     report(&store, "default", Format::Text).await?;
-    println!(
+    out!(
         "\n  PKI and kubeconfigs: {}/<tenant>/ (pki/, admin.conf, ...)",
         dir.join("tenants").display()
     );
-    println!(
+    out!(
         "  datastore slices:    {}/embedded/<schema>.db",
         dir.display()
     );
     for (key, _) in r.agents_connected() {
         if let Some(addr) = r.agent_address(&key) {
-            println!("  konnectivity {:<16} agents dial {addr}", key.name);
+            out!("  konnectivity {:<16} agents dial {addr}", key.name);
         }
     }
-    println!("\n  inspect: cargo run --example operator -- get tcp --state {state}");
+    out!("\n  inspect: cargo run --example operator -- get tcp --state {state}");
     Ok(if ready { 0 } else { 1 })
 }
