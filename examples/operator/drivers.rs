@@ -330,11 +330,12 @@ pub async fn open_slice(
         source,
     };
     Ok(match get("driver").as_str() {
-        "SQLite" => Arc::new(
-            SqliteStore::open(SqliteConfig::new(get("path")))
-                .await
-                .map_err(open_err)?,
-        ),
+        "SQLite" => Arc::new({
+            // One tenant's api-server: two readers serve it; thousands of tenants share a host.
+            let mut cfg = SqliteConfig::new(get("path"));
+            cfg.readers = 2;
+            SqliteStore::open(cfg).await.map_err(open_err)?
+        }),
         "PostgreSQL" => Arc::new(
             PgStore::connect(PgConfig::new(get("conninfo")))
                 .await

@@ -22,11 +22,15 @@ pub enum MigrationError {
     Copy(#[from] kmetal::datastore::migrate::MigrationError),
 }
 
-/// Migrates `key` from `from` to `to` (whose slice `target` is already provisioned).
+/// Migrates `key` from `from` to `to` (whose slice `target` is already provisioned) under
+/// `live`, the store the tenant's endpoint serves: writes pause for the final copy and
+/// resume on the new slice.
+#[allow(clippy::too_many_arguments)]
 pub async fn migrate(
     r: &Reconciler,
     key: &ObjectKey,
     tcp: &TenantControlPlane,
+    live: &MigratableStore,
     from: &str,
     to: &str,
     target: &SliceConfig,
@@ -36,10 +40,8 @@ pub async fn migrate(
         return Ok(());
     }
     let identity = r.datastore_identity(key).await?;
-    let source = open_slice(from, &old, identity.clone()).await?;
     let dest = open_slice(to, target, identity).await?;
-    let live = MigratableStore::new(source);
-    let report = copy(&live, dest, |_| {}).await?;
+    let report = copy(live, dest, |_| {}).await?;
     tracing::info!(tenant = %key.name, keys = report.keys, leases = report.leases, hash = %report.content_hash, "migrated");
     r.record_slice(key, target).await?;
     r.deprovision(tcp, from).await?;

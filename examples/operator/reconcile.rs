@@ -14,6 +14,8 @@ use kmetal::core::tenant::{
     CertificateStatus, ReplicaPlacement, StorageSetup, StorageStatus, TenantControlPlaneStatus,
 };
 use kmetal::core::{Condition, DataStore, Phase, TenantControlPlane};
+use kmetal::datastore::gateway::{Gateway as DatastoreGateway, GatewayTls};
+use kmetal::datastore::migrate::MigratableStore;
 use kmetal::datastore::provision::{TenantSlice, generate_password};
 use kmetal::pki::{Bundle, PkiSpec, RenewalPolicy};
 use kmetal::topology::model::{Resources, Topology};
@@ -72,11 +74,26 @@ impl Drop for Tunnel {
     }
 }
 
+/// A tenant's etcd endpoint: the gateway serving its slice through a store that a
+/// migration can switch underneath it.
+struct Endpoint {
+    addr: SocketAddr,
+    live: Arc<MigratableStore>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 /// The reconciler shared by every worker of one operator process.
 pub struct Reconciler {
     store: Store,
     settings: Settings,
     tunnels: Mutex<HashMap<ObjectKey, Tunnel>>,
+    endpoints: tokio::sync::Mutex<HashMap<ObjectKey, Endpoint>>,
     drivers: tokio::sync::Mutex<HashMap<String, (i64, Arc<Driver>)>>,
     placements: tokio::sync::Mutex<BTreeMap<ObjectKey, Vec<ReplicaPlacement>>>,
 }
@@ -171,6 +188,7 @@ impl Reconciler {
             store,
             settings,
             tunnels: Mutex::default(),
+            endpoints: tokio::sync::Mutex::default(),
             drivers: tokio::sync::Mutex::default(),
             placements: tokio::sync::Mutex::default(),
         }
@@ -289,6 +307,7 @@ impl Reconciler {
     pub async fn reconcile(&self, key: &ObjectKey) -> Result<Outcome, ReconcileError> {
         let Some(mut stored) = self.store.get(key).await? else {
             self.stop_tunnel(key);
+            self.stop_gateway(key).await;
             self.placements.lock().await.remove(key);
             return Ok(Outcome::Gone);
         };
@@ -368,65 +387,6 @@ impl Reconciler {
                     .await;
             }
         };
-        if migrating {
-            // Observable before the copy starts; until the cut-over the old slice serves.
-            set_phase(&mut status, Phase::Migrating);
-            set_condition(
-                &mut status,
-                "DataStoreMigrated",
-                false,
-                "InProgress",
-                format!("{} -> {ds_name}", previous_ds.clone().unwrap_or_default()),
-            );
-            if !self.checkpoint(key, &mut stored, &status).await? {
-                return Ok(Outcome::NotReady("conflict".into()));
-            }
-            if let Err(e) = crate::migration::migrate(
-                self,
-                key,
-                &tcp,
-                previous_ds.as_deref().unwrap_or_default(),
-                &ds_name,
-                &slice_config,
-            )
-            .await
-            {
-                set_phase(&mut status, Phase::Migrating);
-                set_condition(
-                    &mut status,
-                    "DataStoreMigrated",
-                    false,
-                    "MigrationFailed",
-                    e.to_string(),
-                );
-                return self
-                    .finish(key, stored, status, generation, false, "migration")
-                    .await;
-            }
-            set_condition(
-                &mut status,
-                "DataStoreMigrated",
-                true,
-                "Migrated",
-                format!("from {}", previous_ds.unwrap_or_default()),
-            );
-        }
-        set_condition(
-            &mut status,
-            "DataStoreProvisioned",
-            true,
-            "Provisioned",
-            format!("dataStore {ds_name}"),
-        );
-        status.storage = StorageStatus {
-            driver: slice_config.get("driver").cloned(),
-            data_store_name: Some(ds_name.clone()),
-            setup: StorageSetup {
-                schema: slice_config.get("schema").cloned(),
-                user: slice_config.get("user").cloned(),
-            },
-        };
-
         // PKI.
         let bundle = match self.pki(key, &tcp, &ds_name).await {
             Ok(b) => b,
@@ -487,6 +447,96 @@ impl Reconciler {
                     .await;
             }
         }
+
+        // The tenant's etcd endpoint: a gateway over its slice (kine's role), which a migration
+        // switches to the new slice under live traffic.
+        let serving = match self.slice_config(key).await? {
+            Some(c) if migrating => c,
+            _ => slice_config.clone(),
+        };
+        let live = match self.ensure_gateway(key, &bundle, &serving).await {
+            Ok((addr, live)) => {
+                set_condition(
+                    &mut status,
+                    "DataStoreEndpointReady",
+                    true,
+                    "Serving",
+                    format!("https://{addr}"),
+                );
+                live
+            }
+            Err(e) => {
+                set_condition(
+                    &mut status,
+                    "DataStoreEndpointReady",
+                    false,
+                    "ServeFailed",
+                    e,
+                );
+                return self
+                    .finish(key, stored, status, generation, false, "datastore endpoint")
+                    .await;
+            }
+        };
+        if migrating {
+            // Observable before the copy starts; until the cut-over the old slice serves.
+            set_phase(&mut status, Phase::Migrating);
+            set_condition(
+                &mut status,
+                "DataStoreMigrated",
+                false,
+                "InProgress",
+                format!("{} -> {ds_name}", previous_ds.clone().unwrap_or_default()),
+            );
+            if !self.checkpoint(key, &mut stored, &status).await? {
+                return Ok(Outcome::NotReady("conflict".into()));
+            }
+            if let Err(e) = crate::migration::migrate(
+                self,
+                key,
+                &tcp,
+                &live,
+                previous_ds.as_deref().unwrap_or_default(),
+                &ds_name,
+                &slice_config,
+            )
+            .await
+            {
+                set_phase(&mut status, Phase::Migrating);
+                set_condition(
+                    &mut status,
+                    "DataStoreMigrated",
+                    false,
+                    "MigrationFailed",
+                    e.to_string(),
+                );
+                return self
+                    .finish(key, stored, status, generation, false, "migration")
+                    .await;
+            }
+            set_condition(
+                &mut status,
+                "DataStoreMigrated",
+                true,
+                "Migrated",
+                format!("from {}", previous_ds.unwrap_or_default()),
+            );
+        }
+        set_condition(
+            &mut status,
+            "DataStoreProvisioned",
+            true,
+            "Provisioned",
+            format!("dataStore {ds_name}"),
+        );
+        status.storage = StorageStatus {
+            driver: slice_config.get("driver").cloned(),
+            data_store_name: Some(ds_name.clone()),
+            setup: StorageSetup {
+                schema: slice_config.get("schema").cloned(),
+                user: slice_config.get("user").cloned(),
+            },
+        };
 
         // Konnectivity server.
         match self.ensure_tunnel(key, &bundle).await {
@@ -807,6 +857,67 @@ impl Reconciler {
         Ok(agent_addr)
     }
 
+    /// Starts the tenant's etcd endpoint over `cfg`'s slice (mTLS with the tenant's etcd CA:
+    /// the api-server presents `apiserver-etcd-client`, as against a kubeadm etcd).
+    async fn ensure_gateway(
+        &self,
+        key: &ObjectKey,
+        bundle: &Bundle,
+        cfg: &SliceConfig,
+    ) -> Result<(SocketAddr, Arc<MigratableStore>), String> {
+        let mut endpoints = self.endpoints.lock().await;
+        if let Some(e) = endpoints.get(key) {
+            return Ok((e.addr, e.live.clone()));
+        }
+        let file = |f: &str| {
+            bundle
+                .get(f)
+                .map(str::to_string)
+                .ok_or_else(|| format!("{f} missing from the tenant's PKI"))
+        };
+        let tls = GatewayTls {
+            cert_pem: file("pki/etcd/server.crt")?,
+            key_pem: file("pki/etcd/server.key")?,
+            client_ca_pem: Some(file("pki/etcd/ca.crt")?),
+        };
+        let identity = bundle
+            .get("pki/datastore-client.crt")
+            .zip(bundle.get("pki/datastore-client.key"))
+            .map(|(c, k)| (c.to_string(), k.to_string()));
+        let ds = cfg.get("dataStore").cloned().unwrap_or_default();
+        let backend = crate::drivers::open_slice(&ds, cfg, identity)
+            .await
+            .map_err(|e| e.to_string())?;
+        let live = Arc::new(MigratableStore::new(backend));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("binding the datastore endpoint: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (stop, mut rx) = watch::channel(false);
+        let gateway = DatastoreGateway::new(live.clone() as Arc<dyn kmetal::datastore::Datastore>);
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = gateway.serve_on(listener, Some(tls), stopped).await {
+                tracing::warn!(error = %e, "datastore endpoint stopped");
+            }
+        });
+        endpoints.insert(
+            key.clone(),
+            Endpoint {
+                addr,
+                live: live.clone(),
+                stop,
+            },
+        );
+        Ok((addr, live))
+    }
+
+    async fn stop_gateway(&self, key: &ObjectKey) {
+        self.endpoints.lock().await.remove(key);
+    }
+
     fn stop_tunnel(&self, key: &ObjectKey) {
         let t = self
             .tunnels
@@ -825,6 +936,7 @@ impl Reconciler {
         mut status: TenantControlPlaneStatus,
     ) -> Result<Outcome, ReconcileError> {
         self.stop_tunnel(key);
+        self.stop_gateway(key).await;
         self.placements.lock().await.remove(key);
         let mut tcp = tcp.clone();
         tcp.apply_defaults();

@@ -121,20 +121,15 @@ impl Gateway {
         }
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and lets open requests finish.
-    pub async fn serve(
+    fn router(
         self,
-        listen: Listen,
-        tls: Option<GatewayTls>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), GatewayError> {
+        client_url: String,
+        tls: Option<&GatewayTls>,
+    ) -> Result<tonic::transport::server::Router, GatewayError> {
         let mut backend = self.backend;
-        backend.client_urls = vec![match &listen {
-            Listen::Tcp(a) => format!("{}://{a}", if tls.is_some() { "https" } else { "http" }),
-            Listen::Unix(p) => format!("unix://{}", p.display()),
-        }];
+        backend.client_urls = vec![client_url];
         let mut server = Server::builder();
-        if let Some(t) = &tls {
+        if let Some(t) = tls {
             let mut cfg =
                 ServerTlsConfig::new().identity(TlsIdentity::from_pem(&t.cert_pem, &t.key_pem));
             if let Some(ca) = &t.client_ca_pem {
@@ -142,12 +137,21 @@ impl Gateway {
             }
             server = server.tls_config(cfg).map_err(GatewayError::Serve)?;
         }
-        let router = server
+        Ok(server
             .add_service(PbKvServer::new(backend.clone()).max_decoding_message_size(4 << 20))
             .add_service(PbWatchServer::new(backend.clone()))
             .add_service(PbLeaseServer::new(backend.clone()))
             .add_service(PbMaintenanceServer::new(backend.clone()))
-            .add_service(PbClusterServer::new(backend));
+            .add_service(PbClusterServer::new(backend)))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets open requests finish.
+    pub async fn serve(
+        self,
+        listen: Listen,
+        tls: Option<GatewayTls>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
         match listen {
             Listen::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -156,20 +160,7 @@ impl Gateway {
                         listen: addr.to_string(),
                         source,
                     })?;
-                // Without TCP_NODELAY small responses wait out Nagle against delayed ACKs:
-                // ~40 ms per watch event or list page.
-                let incoming = tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    |conn| {
-                        conn.inspect(|s| {
-                            let _ = s.set_nodelay(true);
-                        })
-                    },
-                );
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-                    .map_err(GatewayError::Serve)
+                self.serve_on(listener, tls, shutdown).await
             }
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(&path);
@@ -178,6 +169,7 @@ impl Gateway {
                         listen: path.display().to_string(),
                         source,
                     })?;
+                let router = self.router(format!("unix://{}", path.display()), tls.as_ref())?;
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
@@ -185,5 +177,34 @@ impl Gateway {
                     .map_err(GatewayError::Serve)
             }
         }
+    }
+
+    /// Serves on a listener the caller bound (to port 0, say, learning the port first).
+    pub async fn serve_on(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: Option<GatewayTls>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            listen: "bound listener".into(),
+            source,
+        })?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let router = self.router(format!("{scheme}://{addr}"), tls.as_ref())?;
+        // Without TCP_NODELAY small responses wait out Nagle against delayed ACKs:
+        // ~40 ms per watch event or list page.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                conn.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            },
+        );
+        router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(GatewayError::Serve)
     }
 }
