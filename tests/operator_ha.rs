@@ -238,3 +238,174 @@ fn killed_mid_reconcile_then_restarted_converges() {
     assert_eq!(rows.len(), 300);
     assert!(rows.iter().all(|r| r["ready"] == true));
 }
+
+/// With the management store down, running tenants keep working: their etcd endpoint takes
+/// writes and their Konnectivity server takes agents; the operator answers /healthz and
+/// picks up again when the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_keep_running_while_the_management_store_is_down() {
+    use kmetal::datastore::Datastore;
+    use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, EtcdTls, Keyspace};
+    use kmetal::datastore::model::{PutRequest, RangeRequest};
+    let mut pg = PostgresServer::start(PostgresOptions::default()).expect("postgres");
+    pg.create_database("mgmt").await.expect("database");
+    let state = pg.url("mgmt");
+    let dir = tempfile::tempdir().expect("tempdir");
+    apply(
+        &state,
+        dir.path(),
+        "t.yaml",
+        &tenant_yaml("steady", &dir.path().join("slices")),
+    );
+    let port = free_port().expect("port");
+    let out = dir.path().join("out");
+    let log = dir.path().join("op.log");
+    let _op = Op(operator(&state, &["run", "--lease-ttl", "2"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("run"));
+    let message = |t: &Value, ty: &str| {
+        t["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == ty))
+            .and_then(|c| c["message"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut found = None;
+    assert!(tokio::task::block_in_place(|| wait_until(
+        Duration::from_secs(60),
+        || {
+            let t = tenants(&state);
+            if let Some(t) = t.first().filter(|t| ready(t)) {
+                found = Some(t.clone());
+                true
+            } else {
+                false
+            }
+        }
+    )));
+    let t = found.expect("tenant");
+    let endpoint = message(&t, "DataStoreEndpointReady");
+    let agents = message(&t, "KonnectivityReady")
+        .trim_start_matches("agents connect to ")
+        .to_string();
+
+    pg.stop().expect("stop the management store");
+
+    // The tenant's api-server keeps reading and writing its own slice.
+    let pki = out.join("steady/pki");
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("pki file");
+    let api = EtcdStore::connect(
+        EtcdConfig::new([endpoint]).with_tls(EtcdTls {
+            ca_pem: read("etcd/ca.crt"),
+            identity: Some((
+                read("apiserver-etcd-client.crt"),
+                read("apiserver-etcd-client.key"),
+            )),
+            domain: None,
+        }),
+        Keyspace::Dedicated,
+    )
+    .await
+    .expect("tenant endpoint");
+    api.put(PutRequest::new("/registry/leases/kube-system/x", "held"))
+        .await
+        .expect("write while the management store is down");
+    let got = api
+        .range(RangeRequest::get("/registry/leases/kube-system/x"))
+        .await
+        .expect("read");
+    assert_eq!(got.kvs[0].value, "held");
+    // A worker's agent still connects to the tenant's Konnectivity server.
+    let bundle = kmetal::pki::Bundle::load_dir(&out.join("steady")).expect("pki");
+    let mut cfg = kmetal::tunnel::AgentConfig::new(
+        vec![agents],
+        kmetal::tunnel::tls::agent_client(&bundle).expect("tls"),
+        "worker-1",
+    );
+    cfg.server_name = Some("steady".into());
+    let agent = kmetal::tunnel::Agent::start(cfg).expect("agent");
+    assert!(
+        agent.wait_connected(1, Duration::from_secs(10)).await,
+        "{:?}",
+        agent.stats()
+    );
+    assert!(http_get(port, "/healthz").contains("ok"));
+
+    pg.resume().expect("management store back");
+    apply(
+        &state,
+        dir.path(),
+        "u.yaml",
+        &tenant_yaml("after", &dir.path().join("slices")),
+    );
+    assert!(
+        tokio::task::block_in_place(|| wait_until(Duration::from_secs(60), || {
+            let t = tenants(&state);
+            t.len() == 2 && t.iter().all(ready)
+        })),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// Each region's tenants are reconciled by that region's controller and by no other.
+#[test]
+fn each_region_is_reconciled_by_its_own_controller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = format!("sqlite://{}/m.db", dir.path().display());
+    let slices = dir.path().join("slices");
+    let labelled = |name: &str, region: &str| {
+        tenant_yaml(name, &slices).replace(
+            "metadata: {name: NAME, namespace: tenants}".replace("NAME", name).as_str(),
+            &format!("metadata: {{name: {name}, namespace: tenants, labels: {{kmetal.io/region: {region}}}}}"),
+        )
+    };
+    apply(&state, dir.path(), "eu.yaml", &labelled("in-eu", "eu"));
+    apply(&state, dir.path(), "us.yaml", &labelled("in-us", "us"));
+    let once = |region: &str| {
+        let out = operator(
+            &state,
+            &["run", "--once", "--format", "json", "--region", region],
+        )
+        .arg("--state-dir")
+        .arg(dir.path().join(region))
+        .output()
+        .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("json")
+    };
+    let eu = once("eu");
+    assert_eq!(eu.len(), 1);
+    assert_eq!(eu[0]["name"], "in-eu");
+    let status_of = |name: &str| {
+        tenants(&state)
+            .into_iter()
+            .find(|t| t["metadata"]["name"] == name)
+            .map(|t| t["status"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert!(
+        status_of("in-us").is_null(),
+        "the eu controller left the us tenant alone"
+    );
+    let us = once("us");
+    assert_eq!(us.len(), 1);
+    assert!(ready(
+        &tenants(&state)
+            .into_iter()
+            .find(|t| t["metadata"]["name"] == "in-us")
+            .expect("us")
+    ));
+}

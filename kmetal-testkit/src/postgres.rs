@@ -348,6 +348,14 @@ impl PostgresServer {
         Ok(())
     }
 
+    /// Starts a server stopped with [`stop`](Self::stop) again, on the same port and data.
+    pub fn resume(&mut self) -> Result<(), ProcessError> {
+        if self.process.is_none() {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(Supervised::is_running)
