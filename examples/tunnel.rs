@@ -16,11 +16,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "common/shutdown.rs"]
+mod shutdown;
+
 use clap::{Parser, Subcommand};
 use kmetal_pki::Bundle;
 use kmetal_tunnel::{
     Agent, AgentConfig, ConnectListener, Identifiers, Server, ServerConfig, Strategy, tls,
 };
+use shutdown::shutdown_signal;
 
 #[derive(Parser)]
 #[command(about = "Konnectivity-compatible reverse tunnel: server and agent")]
@@ -105,19 +109,6 @@ enum Error {
     Serve(#[from] kmetal_tunnel::ServerError),
     #[error("{0}")]
     Agent(#[from] kmetal_tunnel::AgentError),
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => { t.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
-    }
 }
 
 fn load_files(dir: &Path, names: &[&str]) -> Result<Bundle, Error> {

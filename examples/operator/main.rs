@@ -28,6 +28,8 @@ mod migration;
 mod observe;
 mod reconcile;
 mod run;
+#[path = "../common/shutdown.rs"]
+mod shutdown;
 mod status;
 mod store;
 

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::Format;
 use crate::observe::Metrics;
 use crate::reconcile::{Outcome, Reconciler, Settings, backoff};
+use crate::shutdown::shutdown_signal;
 use crate::status::{TenantRow, tenants_table};
 use crate::store::{Kind, ObjectKey, PREFIX, Store, Stored};
 
@@ -251,19 +252,6 @@ pub async fn report(store: &Store, region: &str, format: Format) -> Result<bool,
         Format::Text => out!("{}", tenants_table(&rows).trim_end()),
     }
     Ok(rows.iter().all(|r| r.ready))
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => { t.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
-    }
 }
 
 /// This process's peak resident memory (VmHWM), KiB.

@@ -272,17 +272,7 @@ mod tests {
     use super::*;
 
     async fn echo_server() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
+        crate::ports::echo_server().await.unwrap()
     }
 
     async fn round_trip(addr: SocketAddr) -> Duration {

@@ -137,17 +137,9 @@ pub fn agent(bundle: &Bundle, servers: Vec<String>, id: &str) -> Agent {
 
 /// An echo server on loopback; each connection echoes until EOF.
 pub async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
+    kmetal_testkit::ports::echo_server()
+        .await
+        .expect("echo server")
 }
 
 /// Sends a CONNECT for `target` and reads the response head; Ok(stream) on 200, else the
