@@ -409,3 +409,132 @@ fn each_region_is_reconciled_by_its_own_controller() {
             .expect("us")
     ));
 }
+
+/// Every controller serves the region's tenants, not only the leader: with the leader
+/// killed, a tenant's api-server keeps writing through the standby's etcd endpoint and a
+/// worker's agent connects to the standby's Konnectivity server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_keep_serving_through_a_standby_while_the_leader_is_down() {
+    use kmetal::datastore::Datastore;
+    use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, EtcdTls, Keyspace};
+    use kmetal::datastore::model::{PutRequest, RangeRequest};
+    let pg = PostgresServer::start(PostgresOptions::default()).expect("postgres");
+    pg.create_database("mgmt").await.expect("database");
+    let state = pg.url("mgmt");
+    let dir = tempfile::tempdir().expect("tempdir");
+    apply(
+        &state,
+        dir.path(),
+        "t.yaml",
+        &tenant_yaml("kept", &dir.path().join("slices")),
+    );
+    let out = dir.path().join("out");
+    let spawn = |id: &str| {
+        Op(
+            operator(&state, &["run", "--lease-ttl", "2", "--identity", id])
+                .arg("--state-dir")
+                .arg(dir.path().join(id))
+                .arg("--out")
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run"),
+        )
+    };
+    let leader = spawn("leader");
+    assert!(tokio::task::block_in_place(|| wait_until(
+        Duration::from_secs(60),
+        || { tenants(&state).first().is_some_and(ready) }
+    )));
+    let _standby = spawn("standby");
+    // Both controllers announce the tenant's runtime.
+    let mgmt = kmetal::datastore::postgres::PgStore::connect(
+        kmetal::datastore::postgres::PgConfig::new(state.clone()),
+    )
+    .await
+    .expect("management store");
+    let runtimes = || async {
+        mgmt.range(RangeRequest::prefix(
+            "/kmetal/runtime/tenantcontrolplane/tenants/kept/",
+        ))
+        .await
+        .expect("range")
+        .kvs
+        .iter()
+        .map(|kv| {
+            let id = String::from_utf8_lossy(&kv.key)
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            (
+                id,
+                serde_json::from_slice::<Value>(&kv.value).unwrap_or(Value::Null),
+            )
+        })
+        .collect::<std::collections::BTreeMap<String, Value>>()
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    let standby_runtime = loop {
+        let r = runtimes().await;
+        if r.len() == 2 {
+            break r["standby"].clone();
+        }
+        assert!(Instant::now() < end, "runtimes: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(leader);
+
+    let pki = out.join("kept/pki");
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("pki file");
+    let api = EtcdStore::connect(
+        EtcdConfig::new([standby_runtime["endpoint"]
+            .as_str()
+            .expect("endpoint")
+            .to_string()])
+        .with_tls(EtcdTls {
+            ca_pem: read("etcd/ca.crt"),
+            identity: Some((
+                read("apiserver-etcd-client.crt"),
+                read("apiserver-etcd-client.key"),
+            )),
+            domain: None,
+        }),
+        Keyspace::Dedicated,
+    )
+    .await
+    .expect("the standby's endpoint");
+    api.put(PutRequest::new(
+        "/registry/events/default/e1",
+        "while the leader is down",
+    ))
+    .await
+    .expect("write through the standby");
+    assert_eq!(
+        api.range(RangeRequest::get("/registry/events/default/e1"))
+            .await
+            .expect("read")
+            .kvs
+            .len(),
+        1
+    );
+    let bundle = kmetal::pki::Bundle::load_dir(&out.join("kept")).expect("pki");
+    let mut cfg = kmetal::tunnel::AgentConfig::new(
+        vec![
+            standby_runtime["konnectivity"]
+                .as_str()
+                .expect("agents")
+                .to_string(),
+        ],
+        kmetal::tunnel::tls::agent_client(&bundle).expect("tls"),
+        "worker-1",
+    );
+    cfg.server_name = Some("kept".into());
+    let agent = kmetal::tunnel::Agent::start(cfg).expect("agent");
+    assert!(
+        agent.wait_connected(1, Duration::from_secs(10)).await,
+        "{:?}",
+        agent.stats()
+    );
+}

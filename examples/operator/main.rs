@@ -28,6 +28,7 @@ mod migration;
 mod observe;
 mod reconcile;
 mod run;
+mod runtime;
 #[path = "../common/shutdown.rs"]
 mod shutdown;
 mod status;

@@ -79,6 +79,8 @@ impl Drop for Tunnel {
 struct Endpoint {
     addr: SocketAddr,
     live: Arc<MigratableStore>,
+    /// The DataStore the live store's backend belongs to.
+    data_store: String,
     stop: watch::Sender<bool>,
 }
 
@@ -94,6 +96,8 @@ pub struct Reconciler {
     settings: Settings,
     tunnels: Mutex<HashMap<ObjectKey, Tunnel>>,
     endpoints: tokio::sync::Mutex<HashMap<ObjectKey, Endpoint>>,
+    /// Where this controller announces the runtimes it serves (long-running controllers).
+    registry: Option<Arc<crate::runtime::Registry>>,
     drivers: tokio::sync::Mutex<HashMap<String, (i64, Arc<Driver>)>>,
     placements: tokio::sync::Mutex<BTreeMap<ObjectKey, Vec<ReplicaPlacement>>>,
 }
@@ -183,10 +187,15 @@ fn parse_gib(s: &str) -> Option<f64> {
 }
 
 impl Reconciler {
-    pub fn new(store: Store, settings: Settings) -> Self {
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        registry: Option<Arc<crate::runtime::Registry>>,
+    ) -> Self {
         Self {
             store,
             settings,
+            registry,
             tunnels: Mutex::default(),
             endpoints: tokio::sync::Mutex::default(),
             drivers: tokio::sync::Mutex::default(),
@@ -306,8 +315,7 @@ impl Reconciler {
     /// Reconciles one tenant.
     pub async fn reconcile(&self, key: &ObjectKey) -> Result<Outcome, ReconcileError> {
         let Some(mut stored) = self.store.get(key).await? else {
-            self.stop_tunnel(key);
-            self.stop_gateway(key).await;
+            self.release(key).await;
             self.placements.lock().await.remove(key);
             return Ok(Outcome::Gone);
         };
@@ -491,6 +499,22 @@ impl Reconciler {
             if !self.checkpoint(key, &mut stored, &status).await? {
                 return Ok(Outcome::NotReady("conflict".into()));
             }
+            // Other controllers stop serving the tenant when they see Migrating; no write may
+            // reach the old slice through them while it is copied.
+            if let Some(reg) = &self.registry {
+                if let Err(e) = reg.wait_others_gone(key, Duration::from_secs(30)).await {
+                    set_condition(
+                        &mut status,
+                        "DataStoreMigrated",
+                        false,
+                        "WaitingForReplicas",
+                        e,
+                    );
+                    return self
+                        .finish(key, stored, status, generation, false, "migration")
+                        .await;
+                }
+            }
             if let Err(e) = crate::migration::migrate(
                 self,
                 key,
@@ -521,6 +545,9 @@ impl Reconciler {
                 "Migrated",
                 format!("from {}", previous_ds.unwrap_or_default()),
             );
+            if let Some(e) = self.endpoints.lock().await.get_mut(key) {
+                e.data_store = ds_name.clone();
+            }
         }
         set_condition(
             &mut status,
@@ -540,13 +567,16 @@ impl Reconciler {
 
         // Konnectivity server.
         match self.ensure_tunnel(key, &bundle).await {
-            Ok(addr) => set_condition(
-                &mut status,
-                "KonnectivityReady",
-                true,
-                "Serving",
-                format!("agents connect to {addr}"),
-            ),
+            Ok(addr) => {
+                set_condition(
+                    &mut status,
+                    "KonnectivityReady",
+                    true,
+                    "Serving",
+                    format!("agents connect to {addr}"),
+                );
+                self.announce(key, &addr).await;
+            }
             Err(e) => {
                 set_condition(&mut status, "KonnectivityReady", false, "ServeFailed", e);
                 return self
@@ -865,9 +895,14 @@ impl Reconciler {
         bundle: &Bundle,
         cfg: &SliceConfig,
     ) -> Result<(SocketAddr, Arc<MigratableStore>), String> {
+        let ds = cfg.get("dataStore").cloned().unwrap_or_default();
         let mut endpoints = self.endpoints.lock().await;
         if let Some(e) = endpoints.get(key) {
-            return Ok((e.addr, e.live.clone()));
+            if e.data_store == ds {
+                return Ok((e.addr, e.live.clone()));
+            }
+            // Another controller migrated the tenant: serve the new slice.
+            endpoints.remove(key);
         }
         let file = |f: &str| {
             bundle
@@ -884,7 +919,6 @@ impl Reconciler {
             .get("pki/datastore-client.crt")
             .zip(bundle.get("pki/datastore-client.key"))
             .map(|(c, k)| (c.to_string(), k.to_string()));
-        let ds = cfg.get("dataStore").cloned().unwrap_or_default();
         let backend = crate::drivers::open_slice(&ds, cfg, identity)
             .await
             .map_err(|e| e.to_string())?;
@@ -908,6 +942,7 @@ impl Reconciler {
             Endpoint {
                 addr,
                 live: live.clone(),
+                data_store: ds,
                 stop,
             },
         );
@@ -916,6 +951,65 @@ impl Reconciler {
 
     async fn stop_gateway(&self, key: &ObjectKey) {
         self.endpoints.lock().await.remove(key);
+    }
+
+    async fn announce(&self, key: &ObjectKey, agents: &SocketAddr) {
+        let Some(reg) = &self.registry else { return };
+        let endpoint = self.endpoints.lock().await.get(key).map(|e| e.addr);
+        if let Some(endpoint) = endpoint {
+            if let Err(e) = reg
+                .announce(key, &format!("https://{endpoint}"), &agents.to_string())
+                .await
+            {
+                tracing::warn!(tenant = %key.display(), error = %e, "announcing the runtime failed");
+            }
+        }
+    }
+
+    /// Stops serving `key` here and says so.
+    async fn release(&self, key: &ObjectKey) {
+        self.stop_tunnel(key);
+        self.stop_gateway(key).await;
+        if let Some(reg) = &self.registry {
+            reg.withdraw(key).await;
+        }
+    }
+
+    /// A standby's share: serve the tenant's runtime (etcd endpoint, Konnectivity server)
+    /// from what the leader recorded, writing nothing but the announcement; stop while it
+    /// migrates or once it is deleted.
+    pub async fn serve_runtime(&self, key: &ObjectKey) -> Result<(), String> {
+        let Some(stored) = self.store.get(key).await.map_err(|e| e.to_string())? else {
+            self.release(key).await;
+            return Ok(());
+        };
+        let tcp = TenantControlPlane::decode(stored.value.clone()).object;
+        let phase = tcp.phase();
+        let serving = matches!(
+            phase,
+            Phase::Ready | Phase::Upgrading | Phase::CertificateAuthorityRotating
+        );
+        if tcp.metadata.deletion_timestamp.is_some() || !serving {
+            self.release(key).await;
+            return Ok(());
+        }
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        let Some(map) = self
+            .store
+            .secret(ns, &format!("{}-pki", key.name))
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let bundle = Bundle::from_secret_map(&map).map_err(|e| e.to_string())?;
+        let Some(cfg) = self.slice_config(key).await.map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        self.ensure_gateway(key, &bundle, &cfg).await?;
+        let agents = self.ensure_tunnel(key, &bundle).await?;
+        self.announce(key, &agents).await;
+        Ok(())
     }
 
     fn stop_tunnel(&self, key: &ObjectKey) {
@@ -935,8 +1029,7 @@ impl Reconciler {
         revision: i64,
         mut status: TenantControlPlaneStatus,
     ) -> Result<Outcome, ReconcileError> {
-        self.stop_tunnel(key);
-        self.stop_gateway(key).await;
+        self.release(key).await;
         self.placements.lock().await.remove(key);
         let mut tcp = tcp.clone();
         tcp.apply_defaults();

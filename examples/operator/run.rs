@@ -92,8 +92,18 @@ fn identity(args: &RunArgs) -> String {
 async fn reconciler(
     args: &RunArgs,
     fence: Option<String>,
+    serve_replicas: bool,
 ) -> Result<(Arc<Reconciler>, Store), String> {
     let store = crate::open_store(&args.state).await?;
+    // Long-running controllers serve tenant runtimes as replicas and announce them.
+    let registry = match (&fence, serve_replicas) {
+        (Some(id), true) => Some(crate::runtime::Registry::start(
+            store.datastore().clone(),
+            id.clone(),
+            Duration::from_secs(args.lease_ttl),
+        )),
+        _ => None,
+    };
     let writer = match fence {
         Some(id) => store.fenced(crate::leader::key(&args.region), id),
         None => store.clone(),
@@ -113,7 +123,7 @@ async fn reconciler(
         default_datastore: args.default_datastore.clone(),
         renewal: RenewalPolicy::default(),
     };
-    Ok((Arc::new(Reconciler::new(writer, settings)), store))
+    Ok((Arc::new(Reconciler::new(writer, settings, registry)), store))
 }
 
 fn in_region(s: &Stored, region: &str) -> bool {
@@ -273,7 +283,7 @@ async fn enqueue_all(store: &Store, region: &str, tx: &mpsc::UnboundedSender<Obj
 
 pub async fn run(args: RunArgs) -> Result<u8, String> {
     let me = identity(&args);
-    let (r, store) = reconciler(&args, Some(me.clone())).await?;
+    let (r, store) = reconciler(&args, Some(me.clone()), !args.once).await?;
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut leading = crate::leader::campaign(
@@ -343,9 +353,8 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
             loop {
                 let now = *leading.borrow_and_update();
                 metrics.leader.store(now, Ordering::Release);
-                if now {
-                    enqueue_all(&store, &region, &tx).await;
-                }
+                // The leader reconciles every tenant; a standby serves their runtimes.
+                enqueue_all(&store, &region, &tx).await;
                 metrics.synced.store(true, Ordering::Release);
                 if leading.changed().await.is_err() {
                     return;
@@ -399,8 +408,15 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
             k = rx.recv() => match k { Some(k) => k, None => break },
             _ = &mut signal => break,
         };
-        // A standby keeps its queue empty; if it becomes leader it lists everything anew.
         if !*leading.borrow_and_update() {
+            // A standby serves the tenant's runtime from what the leader recorded.
+            let r = r.clone();
+            let me = me.clone();
+            tokio::spawn(async move {
+                if let Err(e) = r.serve_runtime(&key).await {
+                    tracing::warn!(tenant = %key.display(), by = %me, error = %e, "serving the runtime failed");
+                }
+            });
             continue;
         }
         if !in_flight
@@ -511,7 +527,7 @@ pub async fn demo() -> Result<u8, String> {
         lease_ttl: 10,
     };
     let started = Instant::now();
-    let (r, store) = reconciler(&args, None).await?;
+    let (r, store) = reconciler(&args, None, false).await?;
     let metrics = Metrics::new();
     let c = Converge {
         region: "default",
