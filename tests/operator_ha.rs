@@ -538,3 +538,161 @@ async fn tenants_keep_serving_through_a_standby_while_the_leader_is_down() {
         agent.stats()
     );
 }
+
+/// With two controllers serving a tenant, a migration waits until the standby has stopped
+/// serving the old slice, then both serve the new one; what was written before is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_with_two_controllers_moves_every_replica_to_the_new_slice() {
+    use kmetal::datastore::Datastore;
+    use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, EtcdTls, Keyspace};
+    use kmetal::datastore::model::{PutRequest, RangeRequest};
+    let pg = PostgresServer::start(PostgresOptions::default()).expect("postgres");
+    pg.create_database("mgmt").await.expect("database");
+    let state = pg.url("mgmt");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_dir, new_dir) = (dir.path().join("old"), dir.path().join("new"));
+    apply(
+        &state,
+        dir.path(),
+        "t.yaml",
+        &tenant_yaml("mover", &old_dir),
+    );
+    let out = dir.path().join("out");
+    let spawn = |id: &str| {
+        Op(
+            operator(&state, &["run", "--lease-ttl", "2", "--identity", id])
+                .arg("--state-dir")
+                .arg(dir.path().join(id))
+                .arg("--out")
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run"),
+        )
+    };
+    let _a = spawn("a");
+    assert!(tokio::task::block_in_place(|| wait_until(
+        Duration::from_secs(60),
+        || { tenants(&state).first().is_some_and(ready) }
+    )));
+    let _b = spawn("b");
+    let mgmt = kmetal::datastore::postgres::PgStore::connect(
+        kmetal::datastore::postgres::PgConfig::new(state.clone()),
+    )
+    .await
+    .expect("management store");
+    let runtimes = || async {
+        mgmt.range(RangeRequest::prefix(
+            "/kmetal/runtime/tenantcontrolplane/tenants/mover/",
+        ))
+        .await
+        .expect("range")
+        .kvs
+        .iter()
+        .map(|kv| serde_json::from_slice::<Value>(&kv.value).unwrap_or(Value::Null))
+        .collect::<Vec<Value>>()
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while runtimes().await.len() < 2 {
+        assert!(Instant::now() < end, "two runtimes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pki = out.join("mover/pki");
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("pki file");
+    let connect = |endpoint: String| {
+        let tls = EtcdTls {
+            ca_pem: read("etcd/ca.crt"),
+            identity: Some((
+                read("apiserver-etcd-client.crt"),
+                read("apiserver-etcd-client.key"),
+            )),
+            domain: None,
+        };
+        async move {
+            EtcdStore::connect(
+                EtcdConfig::new([endpoint]).with_tls(tls),
+                Keyspace::Dedicated,
+            )
+            .await
+            .expect("endpoint")
+        }
+    };
+    let first = connect(
+        runtimes().await[0]["endpoint"]
+            .as_str()
+            .expect("endpoint")
+            .to_string(),
+    )
+    .await;
+    for i in 0..20 {
+        first
+            .put(PutRequest::new(
+                format!("/registry/secrets/default/s{i:02}"),
+                "x",
+            ))
+            .await
+            .expect("write before the move");
+    }
+    drop(first);
+
+    // Move to another SQLite folder: a second DataStore.
+    let second = format!(
+        "apiVersion: kamaji.clastix.io/v1alpha1\nkind: DataStore\nmetadata: {{name: moved}}\nspec: {{driver: SQLite, endpoints: [\"{}\"]}}\n",
+        new_dir.display()
+    );
+    apply(&state, dir.path(), "ds2.yaml", &second);
+    apply(
+        &state,
+        dir.path(),
+        "t.yaml",
+        &tenant_yaml("mover", &old_dir).replace("dataStore: embedded", "dataStore: moved"),
+    );
+    assert!(
+        tokio::task::block_in_place(|| wait_until(Duration::from_secs(60), || {
+            tenants(&state)
+                .first()
+                .is_some_and(|t| ready(t) && t["status"]["storage"]["dataStoreName"] == "moved")
+        })),
+        "{:#?}",
+        tenants(&state)
+    );
+    // Both controllers serve again, now over the new slice, with everything written before.
+    let end = Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        let r = runtimes().await;
+        if r.len() == 2 {
+            break r;
+        }
+        assert!(Instant::now() < end, "both replicas back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A write through one replica is read through the other: both are on the new slice (a
+    // replica left on the removed old file would not see it).
+    let one = connect(
+        served[0]["endpoint"]
+            .as_str()
+            .expect("endpoint")
+            .to_string(),
+    )
+    .await;
+    let other = connect(
+        served[1]["endpoint"]
+            .as_str()
+            .expect("endpoint")
+            .to_string(),
+    )
+    .await;
+    one.put(PutRequest::new("/registry/secrets/default/after", "y"))
+        .await
+        .expect("write after the move");
+    for api in [&one, &other] {
+        let got = api
+            .range(RangeRequest::prefix("/registry/secrets/default/").count_only())
+            .await
+            .expect("read through each replica");
+        assert_eq!(got.count, 21, "every replica serves the migrated slice");
+    }
+    let files: Vec<_> = std::fs::read_dir(&new_dir).expect("new slices").collect();
+    assert!(!files.is_empty());
+}
