@@ -89,6 +89,36 @@ async fn connect<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, target: &str) -> S
     s
 }
 
+/// A CONNECT that reports failure instead of panicking (while an agent is still connecting).
+async fn try_connect<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, target: &str) -> Result<S, ()> {
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|_| ())?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.map_err(|_| ())? == 0 {
+            return Err(());
+        }
+        head.push(b[0]);
+    }
+    if head.starts_with(b"HTTP/1.1 200") {
+        Ok(s)
+    } else {
+        Err(())
+    }
+}
+
+/// The peer: a TLS stream straight to the TLS source.
+async fn direct(s: &Setup, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tokio_rustls::TlsConnector::from(tls::connect_client(&s.bundle).unwrap())
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
 async fn via_uds(s: &Setup, target: &str) -> UnixStream {
     connect(UnixStream::connect(&s.uds).await.unwrap(), target).await
 }
@@ -206,6 +236,77 @@ fn rss() -> u64 {
         * 4096
 }
 
+/// The tunnel as it is deployed: `examples/tunnel` server and agent as separate processes
+/// (release build), the client and backend in this one.
+struct Processes {
+    children: Vec<std::process::Child>,
+    uds: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn processes(bundle: &Bundle) -> Processes {
+    use std::io::BufRead;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--example", "tunnel"])
+        .current_dir(&root)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exe = root.join("target/release/examples/tunnel");
+    let dir = tempfile::tempdir().unwrap();
+    bundle.write_dir(dir.path()).unwrap();
+    let uds = dir.path().join("connect.sock");
+    let mut server = std::process::Command::new(&exe)
+        .args([
+            "server",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--server-id",
+            "s0",
+        ])
+        .arg("--connect-listen")
+        .arg(format!("unix://{}", uds.display()))
+        .arg("--pki")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let agents = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening agents=https://")
+                .map(str::to_string)
+        })
+        .unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let agent = std::process::Command::new(&exe)
+        .args(["agent", "--server", &agents, "--identity", "host=bench"])
+        .arg("--pki")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Processes {
+        children: vec![server, agent],
+        uds,
+        _dir: dir,
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--test" || a == "--list");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -232,12 +333,7 @@ fn main() {
                 m.push(1.0);
                 continue;
             }
-            let tcp = TcpStream::connect(direct_tls).await.unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let stream = tokio_rustls::TlsConnector::from(tls::connect_client(&s.bundle).unwrap())
-                .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-                .await
-                .unwrap();
+            let stream = direct(&s, direct_tls).await;
             assert_eq!(drain(stream).await, total);
             d.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
 
@@ -248,6 +344,7 @@ fn main() {
             let t = Instant::now();
             assert_eq!(drain(via_mtls(&s, &plain).await).await, total);
             m.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+
         }
         // This machine's speed drifts between rounds (direct TLS alone varies 2x from one
         // run to the next); each round measures both back to back, so the ratio is taken per
@@ -260,6 +357,40 @@ fn main() {
         println!("  direct TLS                        {d:8.0} MB/s");
         println!("  tunnel (unix CONNECT frontend)    {u:8.0} MB/s   ratio {ratio_u:.2}x  (target >= 0.8x)");
         println!("  tunnel (mTLS CONNECT frontend)    {m:8.0} MB/s   ratio {ratio_m:.2}x");
+
+        // The same against `examples/tunnel` server and agent as separate processes, in rounds
+        // of their own: with those processes present the direct peer itself runs slower here.
+        if std::env::var_os("KMETAL_BENCH_NO_PROCESSES").is_none() && !quick {
+            let procs = processes(&s.bundle);
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(c) = UnixStream::connect(&procs.uds).await {
+                    let dial = tokio::time::timeout(Duration::from_secs(2), try_connect(c, &plain));
+                    if let Ok(Ok(c)) = dial.await {
+                        drop(c);
+                        break;
+                    }
+                }
+                assert!(Instant::now() < end, "the agent process never connected");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (mut d2, mut x) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let t = Instant::now();
+                assert_eq!(drain(direct(&s, direct_tls).await).await, total);
+                d2.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+                let t = Instant::now();
+                let c = connect(UnixStream::connect(&procs.uds).await.unwrap(), &plain).await;
+                assert_eq!(drain(c).await, total);
+                x.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+            }
+            let ratio_x = median(x.iter().zip(&d2).map(|(x, d)| x / d).collect());
+            println!(
+                "  server and agent as processes:    {:8.0} MB/s   ratio {ratio_x:.2}x  (direct TLS {:.0} MB/s in these rounds)",
+                median(x),
+                median(d2)
+            );
+        }
 
         if only_throughput {
             println!("tunnel {u:.0} MB/s, direct {d:.0} MB/s, ratio {ratio_u:.2}x");
