@@ -323,7 +323,7 @@ impl Reconciler {
         let mut tcp = decoded.object;
         let mut status = tcp.status.clone().unwrap_or_default();
         if tcp.metadata.deletion_timestamp.is_some() {
-            return self.finalize(key, &tcp, stored.revision, status).await;
+            return self.finalize(key, &tcp, status).await;
         }
         let generation = tcp.metadata.generation;
         let mut problems: Vec<String> = decoded.problems.iter().map(ToString::to_string).collect();
@@ -1026,7 +1026,6 @@ impl Reconciler {
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
-        revision: i64,
         mut status: TenantControlPlaneStatus,
     ) -> Result<Outcome, ReconcileError> {
         self.release(key).await;
@@ -1080,7 +1079,6 @@ impl Reconciler {
             v["metadata"]["finalizers"] = json!(rest);
             self.store.put_if(key, &v, stored.revision).await?
         };
-        let _ = revision;
         Ok(if gone {
             Outcome::Gone
         } else {
