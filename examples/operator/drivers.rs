@@ -317,6 +317,15 @@ impl Driver {
     }
 }
 
+/// The tenant's datastore client certificate and key (etcd DataStores with a CA), if its PKI
+/// has them.
+pub fn datastore_identity(bundle: &kmetal::pki::Bundle) -> Option<(String, String)> {
+    bundle
+        .get("pki/datastore-client.crt")
+        .zip(bundle.get("pki/datastore-client.key"))
+        .map(|(c, k)| (c.to_string(), k.to_string()))
+}
+
 /// Opens a tenant's slice from its connection settings, as the tenant's api-server would;
 /// `identity` is the tenant's datastore client certificate and key, when it has one.
 pub async fn open_slice(

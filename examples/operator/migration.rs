@@ -31,6 +31,7 @@ pub async fn migrate(
     key: &ObjectKey,
     tcp: &TenantControlPlane,
     live: &MigratableStore,
+    identity: Option<(String, String)>,
     from: &str,
     to: &str,
     target: &SliceConfig,
@@ -39,7 +40,6 @@ pub async fn migrate(
     if old.get("dataStore").map(String::as_str) == Some(to) {
         return Ok(());
     }
-    let identity = r.datastore_identity(key).await?;
     let dest = open_slice(to, target, identity).await?;
     let report = copy(live, dest, |_| {}).await?;
     tracing::info!(tenant = %key.name, keys = report.keys, leases = report.leases, hash = %report.content_hash, "migrated");

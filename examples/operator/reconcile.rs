@@ -24,7 +24,7 @@ use kmetal::tunnel::{ConnectListener, Server, ServerConfig, tls};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::drivers::{Driver, DriverError, SliceConfig};
+use crate::drivers::{Driver, DriverError, SliceConfig, datastore_identity};
 use crate::store::{FINALIZER, Kind, ObjectKey, Store, StoreError, now_rfc3339};
 
 /// Operator-wide settings.
@@ -520,6 +520,7 @@ impl Reconciler {
                 key,
                 &tcp,
                 &live,
+                datastore_identity(&bundle),
                 previous_ds.as_deref().unwrap_or_default(),
                 &ds_name,
                 &slice_config,
@@ -748,20 +749,6 @@ impl Reconciler {
             .await
     }
 
-    /// The tenant's datastore client certificate and key, if its PKI has one.
-    pub async fn datastore_identity(
-        &self,
-        key: &ObjectKey,
-    ) -> Result<Option<(String, String)>, StoreError> {
-        let ns = key.namespace.as_deref().unwrap_or("default");
-        let Some(map) = self.store.secret(ns, &format!("{}-pki", key.name)).await? else {
-            return Ok(None);
-        };
-        let cert = map.get("pki.datastore-client.crt").cloned();
-        let k = map.get("pki.datastore-client.key").cloned();
-        Ok(cert.zip(k))
-    }
-
     /// Removes a slice of `ds_name`.
     pub async fn deprovision(
         &self,
@@ -915,11 +902,7 @@ impl Reconciler {
             key_pem: file("pki/etcd/server.key")?,
             client_ca_pem: Some(file("pki/etcd/ca.crt")?),
         };
-        let identity = bundle
-            .get("pki/datastore-client.crt")
-            .zip(bundle.get("pki/datastore-client.key"))
-            .map(|(c, k)| (c.to_string(), k.to_string()));
-        let backend = crate::drivers::open_slice(&ds, cfg, identity)
+        let backend = crate::drivers::open_slice(&ds, cfg, datastore_identity(bundle))
             .await
             .map_err(|e| e.to_string())?;
         let live = Arc::new(MigratableStore::new(backend));
