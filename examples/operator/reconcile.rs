@@ -819,9 +819,11 @@ impl Reconciler {
 
     /// Starts the tenant's Konnectivity server, or restarts it when its CA bundle changed.
     async fn ensure_tunnel(&self, key: &ObjectKey, bundle: &Bundle) -> Result<SocketAddr, String> {
+        // What the listener's TLS is built from: a rotation changes it, and then the
+        // server restarts with the new trust and certificate.
         let fingerprint = format!(
             "{}{}",
-            bundle.get(tls::CA).unwrap_or_default().len(),
+            tls::trust(bundle).unwrap_or_default(),
             bundle.get(tls::SERVER_CERT).unwrap_or_default()
         );
         {

@@ -56,9 +56,9 @@ pub enum TlsError {
     Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
-/// The CAs to trust: both during a CA rotation, so peers holding certificates from the old
-/// CA keep working until the rotation is finalized.
-fn trust(bundle: &Bundle) -> Result<&str, TlsError> {
+/// The CAs the agent listener and the mTLS frontend trust: both during a CA rotation, so
+/// peers holding certificates from the old CA keep working until the rotation is finalized.
+pub fn trust(bundle: &Bundle) -> Result<&str, TlsError> {
     bundle.get(CA_BUNDLE).map_or_else(|| file(bundle, CA), Ok)
 }
 
