@@ -220,11 +220,38 @@ impl ConnTable {
 }
 
 /// Why a pump's direction ended.
-enum Ended {
+pub(crate) enum Ended {
     LocalEof,
     LocalError,
     RemoteClose,
     LinkGone,
+}
+
+/// Sends `data` of connection `connect_id` once the peer's window has room for it (at
+/// once without flow control).
+pub(crate) async fn send_data(
+    link: &Link,
+    credit: Option<&Semaphore>,
+    connect_id: i64,
+    data: Bytes,
+) -> Result<(), Ended> {
+    if let Some(c) = credit {
+        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        match c.acquire_many(n).await {
+            Ok(p) => p.forget(),
+            Err(_) => return Err(Ended::RemoteClose),
+        }
+    }
+    let frame = Frame::Data {
+        connect_id,
+        data,
+        error: String::new(),
+    };
+    if link.data(frame).await {
+        Ok(())
+    } else {
+        Err(Ended::LinkGone)
+    }
 }
 
 /// How long a dialer keeps delivering the peer's bytes after its local side stopped
@@ -245,23 +272,7 @@ where
     let credit = &end.credit;
     let (mut rd, mut wr) = tokio::io::split(io);
     let up = async {
-        let send = |data: Bytes| async move {
-            if let Some(c) = credit {
-                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                match c.acquire_many(n).await {
-                    Ok(p) => p.forget(),
-                    Err(_) => return Err(Ended::RemoteClose),
-                }
-            }
-            let sent = link
-                .data(Frame::Data {
-                    connect_id,
-                    data,
-                    error: String::new(),
-                })
-                .await;
-            if sent { Ok(()) } else { Err(Ended::LinkGone) }
-        };
+        let send = |data: Bytes| send_data(link, credit.as_deref(), connect_id, data);
         if !first.is_empty() {
             if let Err(e) = send(first.clone()).await {
                 return e;

@@ -962,21 +962,15 @@ impl GrpcFrontend {
                 let Some(c) = self.conns.get(&connect_id) else {
                     return;
                 };
-                if let Some(credit) = &c.credit {
-                    let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                    match credit.acquire_many(n).await {
-                        Ok(p) => p.forget(),
-                        Err(_) => return,
-                    }
-                }
-                c.session
-                    .link
-                    .data(Frame::Data {
-                        connect_id: c.agent_connect_id,
-                        data,
-                        error: String::new(),
-                    })
-                    .await;
+                // A closed connection or a gone agent ends this connection only; the
+                // frontend learns of it from the close that follows.
+                let _ = conn::send_data(
+                    &c.session.link,
+                    c.credit.as_deref(),
+                    c.agent_connect_id,
+                    data,
+                )
+                .await;
             }
             Frame::CloseRequest { connect_id } => {
                 if let Some(c) = self.conns.get(&connect_id) {
