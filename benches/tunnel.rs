@@ -71,41 +71,34 @@ async fn setup() -> Setup {
     }
 }
 
-async fn connect<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, target: &str) -> S {
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed during CONNECT");
-        head.push(b[0]);
+async fn connect<S: AsyncRead + AsyncWrite + Unpin>(s: S, target: &str) -> S {
+    match try_connect(s, target).await {
+        Ok(s) => s,
+        Err(head) => panic!("CONNECT {target} refused: {head:?}"),
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
 }
 
-/// A CONNECT that reports failure instead of panicking (while an agent is still connecting).
-async fn try_connect<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, target: &str) -> Result<S, ()> {
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+/// A CONNECT; the response head (empty if the stream closed) when it is not a 200.
+async fn try_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    target: &str,
+) -> Result<S, String> {
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    s.write_all(request.as_bytes())
         .await
-        .map_err(|_| ())?;
+        .map_err(|e| e.to_string())?;
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).await.map_err(|_| ())? == 0 {
-            return Err(());
+        if s.read(&mut b).await.map_err(|e| e.to_string())? == 0 {
+            return Err(String::from_utf8_lossy(&head).to_string());
         }
         head.push(b[0]);
     }
     if head.starts_with(b"HTTP/1.1 200") {
         Ok(s)
     } else {
-        Err(())
+        Err(String::from_utf8_lossy(&head).to_string())
     }
 }
 
