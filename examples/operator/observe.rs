@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::reconcile::Reconciler;
-use crate::store::{Kind, Store};
+use crate::store::{Kind, Store, Stored, secret_data};
 
 type Labels = Vec<(String, String)>;
 
@@ -92,6 +92,16 @@ impl Metrics {
         self.slice_size.clear();
         self.agents.clear();
         let now = SystemTime::now();
+        // One list of Secrets for every tenant's slice settings, not one read per tenant.
+        let slices: std::collections::HashMap<(Option<String>, String), Stored> = store
+            .list(Kind::Secret)
+            .await
+            .map(|(l, _)| {
+                l.into_iter()
+                    .map(|s| ((s.key.namespace.clone(), s.key.name.clone()), s))
+                    .collect()
+            })
+            .unwrap_or_default();
         if let Ok((list, _)) = store.list(Kind::TenantControlPlane).await {
             for s in &list {
                 let tcp = TenantControlPlane::decode(s.value.clone()).object;
@@ -111,7 +121,11 @@ impl Metrics {
                     let left = first.duration_since(now).map_or(0.0, |d| d.as_secs_f64());
                     self.cert_expiry.get_or_create(&tenant).set(left);
                 }
-                if let Ok(Some(cfg)) = r.slice_config(&s.key).await {
+                let slice = (
+                    s.key.namespace.clone(),
+                    format!("{}-datastore-config", s.key.name),
+                );
+                if let Some(cfg) = slices.get(&slice).map(|x| secret_data(&x.value)) {
                     if let Some(path) = cfg.get("path") {
                         let size = std::fs::metadata(path).map_or(0, |m| m.len());
                         self.slice_size.get_or_create(&tenant).set(size as i64);

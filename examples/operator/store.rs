@@ -155,6 +155,20 @@ pub struct Store {
     fence: Option<Arc<(String, String)>>,
 }
 
+/// A Secret's `data`, decoded from base64 (undecodable values read as empty).
+pub fn secret_data(secret: &Value) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(data) = secret["data"].as_object() {
+        for (k, v) in data {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap_or_default())
+                .unwrap_or_default();
+            out.insert(k.clone(), String::from_utf8_lossy(&bytes).to_string());
+        }
+    }
+    out
+}
+
 /// An RFC 3339 UTC timestamp (seconds).
 pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()
@@ -393,16 +407,7 @@ impl Store {
         let Some(s) = self.get(&key).await? else {
             return Ok(None);
         };
-        let mut out = std::collections::BTreeMap::new();
-        if let Some(data) = s.value["data"].as_object() {
-            for (k, v) in data {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(v.as_str().unwrap_or_default())
-                    .unwrap_or_default();
-                out.insert(k.clone(), String::from_utf8_lossy(&bytes).to_string());
-            }
-        }
-        Ok(Some(out))
+        Ok(Some(secret_data(&s.value)))
     }
 
     /// Writes a Secret owned by a tenant (labelled, so deletion finds every one).
