@@ -274,6 +274,12 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether a stored Secret is one the operator wrote for a tenant (its label says so).
+fn tenant_owned(secret: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(secret)
+        .is_ok_and(|v| v["metadata"]["labels"]["kmetal.io/tenant"].is_string())
+}
+
 /// Sends every tenant key of `region` to `tx`.
 async fn enqueue_all(store: &Store, region: &str, tx: &mpsc::UnboundedSender<ObjectKey>) {
     for k in tenant_keys(store, region).await.unwrap_or_default() {
@@ -377,8 +383,7 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
                                 tx.send(ObjectKey::new(Kind::TenantControlPlane, Some(ns), name));
                         }
                         // The Secrets the operator writes for tenants change nothing to do.
-                        ["Secret", ..]
-                            if ev.kv.value.windows(16).any(|w| w == b"kmetal.io/tenant") => {}
+                        ["Secret", ..] if tenant_owned(&ev.kv.value) => {}
                         _ => all = true,
                     }
                 }
