@@ -8,7 +8,8 @@
 //!
 //! Client, server, agent and backends share this process's two worker threads.
 //! `KMETAL_BENCH_THROUGHPUT_ONLY=1` stops after the throughput part;
-//! `KMETAL_BENCH_TUNNEL_ONLY=1` skips the direct peer there (for profiling the tunnel).
+//! `KMETAL_BENCH_TUNNEL_ONLY=1` skips the direct peer there and `KMETAL_BENCH_DIRECT_ONLY=1`
+//! the tunnels (for profiling either alone).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -300,6 +301,11 @@ fn processes(bundle: &Bundle) -> Processes {
     }
 }
 
+// The allocator `examples/tunnel` ships with, for both sides of every comparison (the
+// direct peer measured the same with glibc's malloc and with this one).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--test" || a == "--list");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -329,6 +335,11 @@ fn main() {
             let stream = direct(&s, direct_tls).await;
             assert_eq!(drain(stream).await, total);
             d.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+            if std::env::var_os("KMETAL_BENCH_DIRECT_ONLY").is_some() {
+                u.push(1.0);
+                m.push(1.0);
+                continue;
+            }
 
             let t = Instant::now();
             assert_eq!(drain(via_uds(&s, &plain).await).await, total);

@@ -258,6 +258,12 @@ async fn run_agent(
     Ok(())
 }
 
+// The link hands HTTP/2's read buffers on to the sockets without copying, so HTTP/2
+// allocates a fresh buffer for most frames; glibc's malloc returns those pages to the kernel
+// and faults them back in, mimalloc keeps them (see kmetal-tunnel's "Allocator" docs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -13,12 +13,12 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::Request;
 use tonic::transport::{Endpoint, Uri};
+use tower::Service;
 
 use crate::conn::{self, ConnTable, Flow, Role};
+use crate::grpc;
 use crate::link::Link;
-use crate::proto::wire::agent_service_client::AgentServiceClient;
 use crate::proto::{self, Frame, Identifiers};
 
 /// The agent's settings.
@@ -356,25 +356,53 @@ async fn connect_once(
                 server: addr.into(),
                 source,
             })?;
-        let mut client =
-            AgentServiceClient::new(channel).max_decoding_message_size(proto::MAX_PACKET);
         let (link, outbound) = Link::new();
-        let mut request = Request::new(outbound);
-        let md = request.metadata_mut();
-        if let Ok(v) = c.agent_id.parse() {
+        let mut request =
+            http::Request::new(tonic::body::Body::new(grpc::PacketBody::request(outbound)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = Uri::from_static("http://konnectivity.invalid/AgentService/Connect");
+        let md = request.headers_mut();
+        md.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(grpc::CONTENT_TYPE),
+        );
+        md.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        if let Ok(v) = http::HeaderValue::from_str(&c.agent_id) {
             md.insert(proto::AGENT_ID, v);
         }
-        if let Ok(v) = c.identifiers.to_string().parse() {
+        if let Ok(v) = http::HeaderValue::from_str(&c.identifiers.to_string()) {
             md.insert(proto::AGENT_IDENTIFIERS, v);
         }
         md.insert(proto::FLOW_WINDOW, c.flow_window.into());
-        let response = client
-            .connect(request)
+        let mut client = channel;
+        let response = tower::ServiceExt::ready(&mut client)
             .await
-            .map_err(|source| AgentError::Stream {
+            .map_err(|source| AgentError::Connect {
+                server: addr.into(),
+                source,
+            })?
+            .call(request)
+            .await
+            .map_err(|source| AgentError::Connect {
                 server: addr.into(),
                 source,
             })?;
+        let refused = |source| AgentError::Stream {
+            server: addr.into(),
+            source,
+        };
+        if response.status() != http::StatusCode::OK {
+            return Err(refused(tonic::Status::unavailable(format!(
+                "HTTP status {}",
+                response.status()
+            ))));
+        }
+        // A refusal comes as a trailers-only response: the status is in the headers.
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            if status.code() != tonic::Code::Ok {
+                return Err(refused(status));
+            }
+        }
         Ok::<_, AgentError>((client, link, response))
     };
     let (client, link, response) = tokio::time::timeout(c.connect_timeout, connect)
@@ -383,7 +411,7 @@ async fn connect_once(
             server: addr.into(),
             after: c.connect_timeout,
         })??;
-    let md = response.metadata();
+    let md = response.headers();
     let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
     let server_id = get(proto::SERVER_ID).unwrap_or_else(|| addr.to_string());
     let count: usize = get(proto::SERVER_COUNT)
@@ -413,7 +441,7 @@ async fn connect_once(
     }
     shared.changed.send_replace(());
     let shared = shared.clone();
-    let inbound = response.into_inner();
+    let inbound = grpc::PacketReader::new(response.into_body());
     tokio::spawn(async move {
         serve_session(&shared, inbound, link, flow).await;
         let removed = shared.sessions().remove(&server_id);
@@ -429,14 +457,14 @@ async fn connect_once(
 
 async fn serve_session(
     shared: &Arc<Shared>,
-    mut inbound: tonic::Streaming<proto::Packet>,
+    mut inbound: grpc::PacketReader,
     link: Link,
     flow: Flow,
 ) {
     let conns = ConnTable::new(shared.open.clone());
     let pending: Arc<Mutex<HashMap<i64, oneshot::Sender<()>>>> = Arc::default();
     loop {
-        let frame = match inbound.message().await {
+        let frame = match inbound.next().await {
             Ok(Some(p)) => match Frame::try_from(p) {
                 Ok(f) => f,
                 Err(e) => {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::link::Link;
+use crate::pool::Chunk;
 use crate::proto::{Frame, MAX_CHUNK};
 
 /// The receive buffer per connection when the peer does not do flow control.
@@ -279,18 +280,33 @@ where
             }
         }
         // Start small (an idle connection holds only this) and double while reads fill the
-        // buffer, up to one chunk, so bulk transfers move in large packets.
+        // buffer, up to one chunk, so bulk transfers move in large packets; at that size
+        // the buffers come from the pool.
         let mut want = 2 << 10;
         let mut buf = BytesMut::new();
         loop {
-            buf.reserve(want);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => return Ended::LocalEof,
-                Ok(n) => {
+            let read = if want >= MAX_CHUNK {
+                let mut chunk = Chunk::take();
+                match rd.read(chunk.space()).await {
+                    Ok(n) => Ok((n, chunk.freeze(n))),
+                    Err(e) => Err(e),
+                }
+            } else {
+                buf.reserve(want);
+                match rd.read_buf(&mut buf).await {
+                    Ok(n) => Ok((n, buf.split().freeze())),
+                    Err(e) => Err(e),
+                }
+            };
+            match read {
+                Ok((0, _)) => return Ended::LocalEof,
+                Ok((n, data)) => {
                     if n >= want {
                         want = (want * 2).min(MAX_CHUNK);
+                    } else if n < want / 8 {
+                        want = (want / 2).max(2 << 10);
                     }
-                    if let Err(e) = send(buf.split().freeze()).await {
+                    if let Err(e) = send(data).await {
                         return e;
                     }
                 }

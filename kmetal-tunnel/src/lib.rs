@@ -14,6 +14,17 @@
 //! - [`tls`]: mTLS configurations from a tenant's [`kmetal_pki::Bundle`].
 //! - `link`, `conn` (private): the per-peer packet queue, and one tunneled connection with
 //!   its flow control and byte pump, shared by server and agent.
+//! - `grpc`, `pool` (private): the agent link's gRPC framing, which moves DATA payloads
+//!   through HTTP/2 without copying them, and the pooled buffers bulk reads land in.
+//!
+//! # Allocator
+//! A bulk stream hands each HTTP/2 read buffer on to the destination socket instead of
+//! copying out of it, so HTTP/2 allocates a new read buffer for most frames. Run binaries
+//! with an allocator that keeps freed pages: `examples/tunnel` uses mimalloc. With glibc's
+//! default malloc, freed buffers go back to the kernel and are faulted in again; measured
+//! here, one stream's throughput through the tunnel was 732 MB/s with glibc's defaults, 976
+//! MB/s with `GLIBC_TUNABLES=glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432`
+//! and 933 MB/s with mimalloc.
 //!
 //! ```
 //! use kmetal_tunnel::{Server, ServerConfig, Strategy};
@@ -27,7 +38,9 @@ pub mod agent;
 pub mod client;
 mod conn;
 pub mod connect;
+mod grpc;
 mod link;
+mod pool;
 pub mod proto;
 pub mod server;
 pub mod tls;

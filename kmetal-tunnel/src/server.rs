@@ -19,13 +19,13 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::conn::{self, ConnEnd, ConnTable, Flow, Role};
 use crate::connect;
+use crate::grpc;
 use crate::link::Link;
-use crate::proto::wire::agent_service_server::{AgentService, AgentServiceServer};
 use crate::proto::wire::proxy_service_server::{ProxyService, ProxyServiceServer};
 use crate::proto::{self, Frame, Identifiers, Packet};
 
@@ -592,12 +592,9 @@ impl Server {
             .initial_connection_window_size(Some(8 << 20))
             // Agents may send DATA frames as large as our chunks instead of 16 KiB pieces.
             .max_frame_size(Some(proto::MAX_CHUNK as u32 + 1024))
-            .add_service(
-                AgentServiceServer::from_arc(Arc::new(AgentEndpoint {
-                    shared: self.shared.clone(),
-                }))
-                .max_decoding_message_size(proto::MAX_PACKET),
-            )
+            .add_service(AgentEndpoint {
+                shared: self.shared.clone(),
+            })
             .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
             .await
             .map_err(ServerError::Grpc);
@@ -780,33 +777,68 @@ impl AsyncWrite for AgentIo {
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
 
+/// `AgentService` as a plain HTTP service: the link frames gRPC itself ([`crate::grpc`]) so
+/// DATA payloads are not copied by a codec.
+#[derive(Clone)]
 struct AgentEndpoint {
     shared: Arc<Shared>,
 }
 
-fn metadata_str<'a>(req: &'a tonic::metadata::MetadataMap, key: &str) -> Option<&'a str> {
-    req.get(key).and_then(|v| v.to_str().ok())
+impl tonic::server::NamedService for AgentEndpoint {
+    const NAME: &'static str = "AgentService";
 }
 
-#[tonic::async_trait]
-impl AgentService for AgentEndpoint {
-    type ConnectStream = PacketStream;
+/// The one method of `AgentService`.
+const AGENT_CONNECT_PATH: &str = "/AgentService/Connect";
 
-    async fn connect(
+impl tower::Service<http::Request<tonic::body::Body>> for AgentEndpoint {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::ready(Ok(self.connect(request).unwrap_or_else(Status::into_http)))
+    }
+}
+
+fn header_str<'a>(headers: &'a http::HeaderMap, key: &str) -> Option<&'a str> {
+    headers.get(key).and_then(|v| v.to_str().ok())
+}
+
+impl AgentEndpoint {
+    fn connect(
         &self,
-        request: Request<Streaming<Packet>>,
-    ) -> Result<Response<PacketStream>, Status> {
-        let md = request.metadata();
-        let id = metadata_str(md, proto::AGENT_ID)
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status> {
+        if request.uri().path() != AGENT_CONNECT_PATH {
+            return Err(Status::unimplemented(format!(
+                "no method {} on AgentService",
+                request.uri().path()
+            )));
+        }
+        let md = request.headers();
+        if header_str(md, "grpc-encoding").is_some_and(|e| e != "identity") {
+            return Err(Status::unimplemented(
+                "compressed agent streams are not supported",
+            ));
+        }
+        let id = header_str(md, proto::AGENT_ID)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Status::invalid_argument("missing agentID metadata"))?
             .to_string();
-        let identifiers = match metadata_str(md, proto::AGENT_IDENTIFIERS) {
+        let identifiers = match header_str(md, proto::AGENT_IDENTIFIERS) {
             Some(q) => Identifiers::parse(q)
                 .map_err(|e| Status::invalid_argument(format!("agentIdentifiers: {e}")))?,
             None => Identifiers::default(),
         };
-        let peer_window = metadata_str(md, proto::FLOW_WINDOW).and_then(|w| w.parse().ok());
+        let peer_window = header_str(md, proto::FLOW_WINDOW).and_then(|w| w.parse().ok());
         let flow = Flow::negotiated(self.shared.config.flow_window, peer_window);
         let cn = request
             .extensions()
@@ -825,11 +857,11 @@ impl AgentService for AgentEndpoint {
         });
         tracing::info!(agent = %id, ?cn, flow_control = flow.peer.is_some(), "agent connected");
         self.shared.register(session.clone());
-        let mut inbound = request.into_inner();
+        let mut inbound = grpc::PacketReader::new(request.into_body());
         let shared = self.shared.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                match inbound.next().await {
                     Ok(Some(packet)) => match Frame::try_from(packet) {
                         Ok(frame) => shared.on_agent_frame(&session, frame),
                         Err(e) => {
@@ -837,8 +869,8 @@ impl AgentService for AgentEndpoint {
                         }
                     },
                     Ok(None) => break,
-                    Err(status) => {
-                        tracing::info!(agent = %session.id, %status, "agent stream failed");
+                    Err(e) => {
+                        tracing::info!(agent = %session.id, error = %e, "agent stream failed");
                         break;
                     }
                 }
@@ -846,9 +878,14 @@ impl AgentService for AgentEndpoint {
             tracing::info!(agent = %session.id, "agent disconnected");
             shared.unregister(&session);
         });
-        let mut response = Response::new(Box::pin(outbound.map(Ok)) as PacketStream);
-        let md = response.metadata_mut();
-        if let Ok(v) = self.shared.config.server_id.parse() {
+        let mut response =
+            http::Response::new(tonic::body::Body::new(grpc::PacketBody::response(outbound)));
+        let md = response.headers_mut();
+        md.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(grpc::CONTENT_TYPE),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&self.shared.config.server_id) {
             md.insert(proto::SERVER_ID, v);
         }
         md.insert(proto::SERVER_COUNT, self.shared.config.server_count.into());

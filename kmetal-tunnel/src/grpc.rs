@@ -1,0 +1,474 @@
+//! gRPC message framing for the agent link (`AgentService.Connect`), done here instead of
+//! by tonic's codec so bulk DATA payloads cross the HTTP/2 layer without being copied.
+//!
+//! tonic copies every outgoing message into its encode buffer and every incoming body chunk
+//! into its decode buffer; on a link that carries all of a tenant's kubelet traffic those
+//! copies were the largest user-space cost after the TLS ciphers. Here a DATA packet is
+//! sent as two body chunks, the gRPC prefix plus the protobuf fields up to the payload's
+//! length, then the payload itself (`Data.data` is the last field of its message, so the
+//! bytes that follow it on the wire are exactly the payload); the receiver keeps the
+//! chunks as they arrived and the payload of a message that arrived whole is a slice of the
+//! chunk HTTP/2 read. The wire format is plain gRPC (length-prefixed, uncompressed
+//! messages; `grpc-status` trailers), so either side interoperates with any gRPC peer.
+//!
+//! A payload slice keeps HTTP/2's read buffer alive until the payload reaches its socket,
+//! so HTTP/2 allocates a fresh read buffer for most frames. That is cheap with an allocator
+//! that keeps freed pages (mimalloc, jemalloc, or glibc with a high trim threshold); glibc's
+//! default returns them to the kernel and faults them back in. See the crate docs.
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use tokio_stream::Stream;
+
+use crate::proto::wire::packet::Payload;
+use crate::proto::{MAX_PACKET, Packet};
+
+/// The message prefix: a compressed flag and the big-endian message length.
+const PREFIX: usize = 5;
+/// DATA payloads from this size on travel as a chunk of their own instead of being copied.
+const SPLIT_PAYLOAD: usize = 2 << 10;
+/// Small packets ready at once are coalesced into one body chunk up to this size.
+const COALESCE: usize = 32 << 10;
+/// `Packet.payload` field number of `Data`, and `Data.data`'s.
+const PACKET_DATA: u32 = 4;
+const DATA_DATA: u32 = 3;
+
+/// The gRPC content type both directions carry.
+pub(crate) const CONTENT_TYPE: &str = "application/grpc";
+
+/// A gRPC stream that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrpcError {
+    /// The HTTP/2 body failed (connection reset, keepalive timeout, protocol error).
+    #[error("stream failed: {0}")]
+    Body(#[source] tonic::Status),
+    /// The peer ended the stream with a non-OK `grpc-status`.
+    #[error("peer ended the stream: {0}")]
+    Status(#[source] tonic::Status),
+    /// A message was marked compressed; no compression is ever negotiated on this link.
+    #[error("compressed message received without negotiated compression")]
+    Compressed,
+    /// A message's length prefix exceeds [`MAX_PACKET`].
+    #[error("message of {0} bytes exceeds the {MAX_PACKET}-byte limit")]
+    TooLarge(usize),
+    /// The message is not a protobuf `Packet`.
+    #[error("message is not a Packet")]
+    Decode(#[source] prost::DecodeError),
+    /// The stream ended in the middle of a message.
+    #[error("stream ended inside a message ({0} bytes left over)")]
+    Truncated(usize),
+}
+
+/// Appends `packet`, framed, to `out`; a large DATA payload is returned instead of copied,
+/// and must be sent right after `out`.
+pub(crate) fn encode(packet: Packet, out: &mut BytesMut) -> Option<Bytes> {
+    let kind = packet.r#type;
+    match packet.payload {
+        Some(Payload::Data(mut data)) if data.data.len() >= SPLIT_PAYLOAD => {
+            let payload = std::mem::take(&mut data.data);
+            let data_len = data.encoded_len()
+                + key_len(DATA_DATA)
+                + encoded_len_varint(payload.len() as u64)
+                + payload.len();
+            let kind_len = if kind == 0 {
+                0
+            } else {
+                key_len(1) + encoded_len_varint(i64::from(kind) as u64)
+            };
+            let packet_len =
+                kind_len + key_len(PACKET_DATA) + encoded_len_varint(data_len as u64) + data_len;
+            out.reserve(PREFIX + packet_len - payload.len());
+            put_prefix(out, packet_len);
+            if kind != 0 {
+                prost::encoding::int32::encode(1, &kind, out);
+            }
+            encode_key(PACKET_DATA, WireType::LengthDelimited, out);
+            encode_varint(data_len as u64, out);
+            data.encode_raw(out);
+            encode_key(DATA_DATA, WireType::LengthDelimited, out);
+            encode_varint(payload.len() as u64, out);
+            Some(payload)
+        }
+        payload => {
+            let packet = Packet {
+                r#type: kind,
+                payload,
+            };
+            let len = packet.encoded_len();
+            out.reserve(PREFIX + len);
+            put_prefix(out, len);
+            packet.encode_raw(out);
+            None
+        }
+    }
+}
+
+fn put_prefix(out: &mut BytesMut, len: usize) {
+    out.put_u8(0);
+    // Packets are bounded by MAX_CHUNK plus a few header bytes, far below 4 GiB.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+}
+
+/// An HTTP body that sends a stream of packets as gRPC messages; a response body ends with
+/// `grpc-status: 0` trailers, a request body with END_STREAM.
+pub(crate) struct PacketBody<S> {
+    packets: S,
+    payload: Option<Bytes>,
+    ended: bool,
+    trailers: bool,
+}
+
+impl<S> PacketBody<S> {
+    /// The body of a client's request stream.
+    pub(crate) fn request(packets: S) -> Self {
+        PacketBody {
+            packets,
+            payload: None,
+            ended: false,
+            trailers: false,
+        }
+    }
+
+    /// The body of a server's response stream.
+    pub(crate) fn response(packets: S) -> Self {
+        PacketBody {
+            trailers: true,
+            ..PacketBody::request(packets)
+        }
+    }
+}
+
+impl<S: Stream<Item = Packet> + Unpin> http_body::Body for PacketBody<S> {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(payload) = self.payload.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(payload))));
+        }
+        let mut head = BytesMut::new();
+        while !self.ended && head.len() < COALESCE {
+            match Pin::new(&mut self.packets).poll_next(cx) {
+                Poll::Ready(Some(packet)) => {
+                    if let Some(payload) = encode(packet, &mut head) {
+                        self.payload = Some(payload);
+                        break;
+                    }
+                }
+                Poll::Ready(None) => self.ended = true,
+                Poll::Pending => break,
+            }
+        }
+        if !head.is_empty() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head.freeze()))));
+        }
+        if !self.ended {
+            return Poll::Pending;
+        }
+        if std::mem::take(&mut self.trailers) {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static("0"));
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
+        }
+        Poll::Ready(None)
+    }
+}
+
+/// Received body chunks, kept as they arrived; a [`Buf`] whose `copy_to_bytes` slices the
+/// front chunk when it holds the whole range, which is how a payload stays uncopied.
+#[derive(Debug, Default)]
+struct Chunks {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.len += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// The first `N` bytes, without consuming them.
+    fn peek<const N: usize>(&self) -> Option<[u8; N]> {
+        if self.len < N {
+            return None;
+        }
+        let mut out = [0u8; N];
+        let mut at = 0;
+        for c in &self.chunks {
+            let n = c.len().min(N - at);
+            out[at..at + n].copy_from_slice(&c[..n]);
+            at += n;
+            if at == N {
+                break;
+            }
+        }
+        Some(out)
+    }
+}
+
+impl Buf for Chunks {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| c.as_ref())
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        let mut left = cnt.min(self.len);
+        self.len -= left;
+        while left > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if left < front.len() {
+                front.advance(left);
+                break;
+            }
+            left -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        if let Some(front) = self.chunks.front_mut() {
+            if front.len() >= len {
+                let out = front.split_to(len);
+                if front.is_empty() {
+                    self.chunks.pop_front();
+                }
+                self.len -= len;
+                return out;
+            }
+        }
+        let mut out = BytesMut::with_capacity(len.min(self.len));
+        out.put((&mut *self).take(len));
+        out.freeze()
+    }
+}
+
+/// Splits a byte stream into packets.
+#[derive(Debug, Default)]
+pub(crate) struct Decoder {
+    buf: Chunks,
+}
+
+impl Decoder {
+    /// Adds bytes received from the peer.
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        self.buf.push(chunk);
+    }
+
+    /// The next whole packet, if one has arrived.
+    pub(crate) fn next_packet(&mut self) -> Result<Option<Packet>, GrpcError> {
+        let Some(prefix) = self.buf.peek::<PREFIX>() else {
+            return Ok(None);
+        };
+        if prefix[0] != 0 {
+            return Err(GrpcError::Compressed);
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if len > MAX_PACKET {
+            return Err(GrpcError::TooLarge(len));
+        }
+        if self.buf.remaining() < PREFIX + len {
+            return Ok(None);
+        }
+        self.buf.advance(PREFIX);
+        let mut message = (&mut self.buf).take(len);
+        let packet = Packet::decode(&mut message);
+        // A message that did not decode is skipped whole, keeping the stream in step.
+        let rest = message.remaining();
+        message.advance(rest);
+        packet.map(Some).map_err(GrpcError::Decode)
+    }
+
+    /// Bytes received that do not yet form a whole packet.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.remaining()
+    }
+}
+
+/// Reads the packets of a gRPC stream's body (a request body on the server, a response
+/// body on the client).
+pub(crate) struct PacketReader {
+    body: tonic::body::Body,
+    decoder: Decoder,
+}
+
+impl PacketReader {
+    pub(crate) fn new(body: tonic::body::Body) -> Self {
+        PacketReader {
+            body,
+            decoder: Decoder::default(),
+        }
+    }
+
+    /// The next packet; `None` when the peer ended the stream cleanly.
+    pub(crate) async fn next(&mut self) -> Result<Option<Packet>, GrpcError> {
+        loop {
+            if let Some(p) = self.decoder.next_packet()? {
+                return Ok(Some(p));
+            }
+            let frame = std::future::poll_fn(|cx| {
+                http_body::Body::poll_frame(Pin::new(&mut self.body), cx)
+            })
+            .await;
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.decoder.push(data),
+                    Err(frame) => {
+                        if let Some(status) = frame
+                            .trailers_ref()
+                            .and_then(tonic::Status::from_header_map)
+                        {
+                            if status.code() != tonic::Code::Ok {
+                                return Err(GrpcError::Status(status));
+                            }
+                        }
+                    }
+                },
+                Some(Err(status)) => return Err(GrpcError::Body(status)),
+                None => {
+                    return match self.decoder.pending() {
+                        0 => Ok(None),
+                        n => Err(GrpcError::Truncated(n)),
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Frame;
+    use proptest::prelude::*;
+
+    fn packets() -> Vec<Packet> {
+        vec![
+            Frame::Data {
+                connect_id: 7,
+                data: Bytes::from(vec![0xab; 100 << 10]),
+                error: String::new(),
+            }
+            .into(),
+            Frame::Data {
+                connect_id: 0,
+                data: Bytes::from(vec![1; 3000]),
+                error: "reset".into(),
+            }
+            .into(),
+            Frame::Data {
+                connect_id: 9,
+                data: Bytes::from_static(b"tiny"),
+                error: String::new(),
+            }
+            .into(),
+            Frame::DialRequest {
+                protocol: "tcp".into(),
+                address: "10.0.0.1:10250".into(),
+                random: -5,
+            }
+            .into(),
+            Frame::Window {
+                connect_id: 3,
+                bytes: 65536,
+            }
+            .into(),
+            Frame::Drain.into(),
+        ]
+    }
+
+    #[test]
+    fn split_encoding_is_byte_identical_to_prost() {
+        for p in packets() {
+            let mut head = BytesMut::new();
+            let payload = encode(p.clone(), &mut head);
+            let mut wire = head.to_vec();
+            wire.extend_from_slice(payload.as_deref().unwrap_or_default());
+            let mut want = Vec::new();
+            want.push(0);
+            want.extend_from_slice(&(p.encoded_len() as u32).to_be_bytes());
+            p.encode(&mut want).expect("vec grows");
+            assert_eq!(wire, want, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_payload_that_arrived_whole_is_not_copied() {
+        let p = packets().swap_remove(0);
+        let mut head = BytesMut::new();
+        let payload = encode(p, &mut head).expect("split");
+        let mut d = Decoder::default();
+        d.push(head.freeze());
+        assert!(d.next_packet().expect("ok").is_none());
+        d.push(payload.clone());
+        let got = d.next_packet().expect("ok").expect("packet");
+        let Some(Payload::Data(data)) = got.payload else {
+            panic!("not data: {got:?}");
+        };
+        assert_eq!(data.data.as_ptr(), payload.as_ptr());
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn bad_prefixes_are_typed_errors_and_bad_messages_are_skipped() {
+        let mut d = Decoder::default();
+        d.push(Bytes::from_static(&[1, 0, 0, 0, 1, 0]));
+        assert!(matches!(d.next_packet(), Err(GrpcError::Compressed)));
+        let mut d = Decoder::default();
+        d.push(Bytes::from_static(&[0, 0xff, 0, 0, 0]));
+        assert!(matches!(d.next_packet(), Err(GrpcError::TooLarge(_))));
+        let mut d = Decoder::default();
+        d.push(Bytes::from_static(&[0, 0, 0, 0, 2, 0xff, 0xff]));
+        let mut head = BytesMut::new();
+        assert!(encode(Frame::Drain.into(), &mut head).is_none());
+        d.push(head.freeze());
+        assert!(matches!(d.next_packet(), Err(GrpcError::Decode(_))));
+        let next = d.next_packet().expect("ok").expect("packet");
+        assert_eq!(Frame::try_from(next), Ok(Frame::Drain));
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_decodes_the_same_packets(
+            sizes in proptest::collection::vec(1usize..70_000, 1..40),
+        ) {
+            let want = packets();
+            let mut wire = BytesMut::new();
+            for p in &want {
+                if let Some(payload) = encode(p.clone(), &mut wire) {
+                    wire.extend_from_slice(&payload);
+                }
+            }
+            let mut wire = wire.freeze();
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            let mut sizes = sizes.into_iter().cycle();
+            while !wire.is_empty() {
+                let n = sizes.next().unwrap_or(1).min(wire.len());
+                d.push(wire.split_to(n));
+                while let Some(p) = d.next_packet().expect("valid stream") {
+                    got.push(p);
+                }
+            }
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(d.pending(), 0);
+        }
+    }
+}
