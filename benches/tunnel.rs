@@ -9,7 +9,9 @@
 //! Client, server, agent and backends share this process's two worker threads.
 //! `KMETAL_BENCH_THROUGHPUT_ONLY=1` stops after the throughput part;
 //! `KMETAL_BENCH_TUNNEL_ONLY=1` skips the direct peer there and `KMETAL_BENCH_DIRECT_ONLY=1`
-//! the tunnels (for profiling either alone).
+//! the tunnels (for profiling either alone); `KMETAL_BENCH_TUNNEL_EXE=PATH` runs another
+//! build of `examples/tunnel` in the separate-process rounds (to compare two builds).
+//! Both sides of every comparison run on mimalloc, the allocator `examples/tunnel` ships with.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -256,7 +258,10 @@ fn processes(bundle: &Bundle) -> Processes {
         .status()
         .unwrap();
     assert!(status.success());
-    let exe = root.join("target/release/examples/tunnel");
+    let exe = std::env::var_os("KMETAL_BENCH_TUNNEL_EXE").map_or_else(
+        || root.join("target/release/examples/tunnel"),
+        PathBuf::from,
+    );
     let dir = tempfile::tempdir().unwrap();
     bundle.write_dir(dir.path()).unwrap();
     let uds = dir.path().join("connect.sock");
