@@ -65,9 +65,27 @@ pub enum GrpcError {
     Truncated(usize),
 }
 
-/// Appends `packet`, framed, to `out`; a large DATA payload is returned instead of copied,
-/// and must be sent right after `out`.
-pub(crate) fn encode(packet: Packet, out: &mut BytesMut) -> Option<Bytes> {
+/// Appends `packet`, framed as a gRPC message, to `out`; a large DATA payload is returned
+/// instead of copied, and belongs on the wire right after `out`.
+///
+/// ```
+/// use bytes::{Bytes, BytesMut};
+/// use kmetal_tunnel::Frame;
+/// use kmetal_tunnel::grpc::{Decoder, encode};
+///
+/// let payload = Bytes::from(vec![7u8; 64 << 10]);
+/// let frame = Frame::Data { connect_id: 1, data: payload.clone(), error: String::new() };
+/// let mut head = BytesMut::new();
+/// let rest = encode(frame.clone().into(), &mut head).expect("a bulk payload is not copied");
+/// assert_eq!(rest.as_ptr(), payload.as_ptr());
+///
+/// let mut decoder = Decoder::default();
+/// decoder.push(head.freeze());
+/// decoder.push(rest);
+/// let packet = decoder.next_packet().unwrap().expect("a whole packet");
+/// assert_eq!(Frame::try_from(packet), Ok(frame));
+/// ```
+pub fn encode(packet: Packet, out: &mut BytesMut) -> Option<Bytes> {
     let kind = packet.r#type;
     match packet.payload {
         Some(Payload::Data(mut data)) if data.data.len() >= SPLIT_PAYLOAD => {
@@ -260,20 +278,23 @@ impl Buf for Chunks {
     }
 }
 
-/// Splits a byte stream into packets.
+/// Splits a gRPC byte stream (the body of an `AgentService.Connect` request or response)
+/// into packets; a payload that arrived in one piece is a slice of it, not a copy.
 #[derive(Debug, Default)]
-pub(crate) struct Decoder {
+pub struct Decoder {
     buf: Chunks,
 }
 
 impl Decoder {
     /// Adds bytes received from the peer.
-    pub(crate) fn push(&mut self, chunk: Bytes) {
+    pub fn push(&mut self, chunk: Bytes) {
         self.buf.push(chunk);
     }
 
-    /// The next whole packet, if one has arrived.
-    pub(crate) fn next_packet(&mut self) -> Result<Option<Packet>, GrpcError> {
+    /// The next whole packet, if one has arrived. An error about the framing (compressed,
+    /// too large) repeats on every later call: the stream cannot be resynchronised. A
+    /// message that is not a `Packet` is an error once, and decoding goes on after it.
+    pub fn next_packet(&mut self) -> Result<Option<Packet>, GrpcError> {
         let Some(prefix) = self.buf.peek::<PREFIX>() else {
             return Ok(None);
         };
@@ -297,7 +318,7 @@ impl Decoder {
     }
 
     /// Bytes received that do not yet form a whole packet.
-    pub(crate) fn pending(&self) -> usize {
+    pub fn pending(&self) -> usize {
         self.buf.remaining()
     }
 }

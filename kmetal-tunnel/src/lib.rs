@@ -14,8 +14,9 @@
 //! - [`tls`]: mTLS configurations from a tenant's [`kmetal_pki::Bundle`].
 //! - `link`, `conn` (private): the per-peer packet queue, and one tunneled connection with
 //!   its flow control and byte pump, shared by server and agent.
-//! - `grpc`, `pool` (private): the agent link's gRPC framing, which moves DATA payloads
-//!   through HTTP/2 without copying them, and the pooled buffers bulk reads land in.
+//! - [`grpc`]: the agent link's gRPC framing, which moves DATA payloads through HTTP/2
+//!   without copying them.
+//! - `pool` (private): the pooled buffers bulk reads land in.
 //!
 //! # Allocator
 //! A bulk stream hands each HTTP/2 read buffer on to the destination socket instead of
@@ -38,7 +39,7 @@ pub mod agent;
 pub mod client;
 mod conn;
 pub mod connect;
-mod grpc;
+pub mod grpc;
 mod link;
 mod pool;
 pub mod proto;

@@ -1,13 +1,17 @@
-//! The fuzz targets' seed corpus (`fuzz/corpus/{packet,connect}`): generated here, checked
-//! in, and replayed through the parsers on every test run.
+//! The fuzz targets' seed corpus (`fuzz/corpus/{packet,connect,grpc}`): generated here,
+//! checked in, and replayed through the parsers on every test run.
 //!
 //! Regenerate with `KMETAL_WRITE_FUZZ_SEEDS=1 cargo test -p kmetal-tunnel --test fuzz_corpus`.
 
 use std::path::PathBuf;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kmetal_tunnel::connect::parse_request;
 use kmetal_tunnel::{Frame, Identifiers};
+
+// The grpc target's property, the same file the fuzz target runs.
+#[path = "../../fuzz/checks/grpc.rs"]
+mod grpc;
 
 fn corpus(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -95,10 +99,66 @@ fn connect_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// gRPC streams; the first byte of a seed is the size of the pieces the target delivers.
+fn grpc_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let stream = |step: u8, frames: Vec<Frame>| {
+        let mut out = BytesMut::new();
+        for f in frames {
+            if let Some(payload) = kmetal_tunnel::grpc::encode(f.into(), &mut out) {
+                out.extend_from_slice(&payload);
+            }
+        }
+        let mut seed = vec![step];
+        seed.extend_from_slice(&out);
+        seed
+    };
+    let data = |len: usize| Frame::Data {
+        connect_id: 3,
+        data: Bytes::from(vec![0x5a; len]),
+        error: String::new(),
+    };
+    let mut bad = stream(7, vec![Frame::Drain]);
+    bad.extend_from_slice(&[0, 0, 0, 0, 2, 0xff, 0xff]);
+    bad.extend_from_slice(&stream(1, vec![Frame::CloseRequest { connect_id: 3 }])[1..]);
+    let mut compressed = stream(2, vec![Frame::Drain]);
+    compressed.extend_from_slice(&[1, 0, 0, 0, 2, 0x08, 0x06]);
+    vec![
+        (
+            "dial-then-data",
+            stream(
+                5,
+                vec![
+                    Frame::DialResponse {
+                        random: 9,
+                        connect_id: 3,
+                        error: String::new(),
+                    },
+                    data(10),
+                    data(5000),
+                    Frame::Window {
+                        connect_id: 3,
+                        bytes: 5010,
+                    },
+                    Frame::CloseRequest { connect_id: 3 },
+                ],
+            ),
+        ),
+        ("bulk-in-pieces", stream(255, vec![data(9000), data(3000)])),
+        ("bad-message-then-more", bad),
+        ("compressed", compressed),
+        ("too-large", vec![1, 0, 0x7f, 0xff, 0xff, 0xff]),
+        ("truncated", stream(3, vec![data(4000)])[..2000].to_vec()),
+    ]
+}
+
 #[test]
 fn seeds_are_checked_in_and_the_corpus_never_panics_the_parsers() {
     let write = std::env::var_os("KMETAL_WRITE_FUZZ_SEEDS").is_some();
-    for (target, seeds) in [("packet", packet_seeds()), ("connect", connect_seeds())] {
+    for (target, seeds) in [
+        ("packet", packet_seeds()),
+        ("connect", connect_seeds()),
+        ("grpc", grpc_seeds()),
+    ] {
         let dir = corpus(target);
         for (name, bytes) in seeds {
             let file = dir.join(name);
@@ -126,6 +186,7 @@ fn seeds_are_checked_in_and_the_corpus_never_panics_the_parsers() {
             if let Ok(text) = std::str::from_utf8(&bytes) {
                 let _ = Identifiers::parse(text);
             }
+            grpc::check(&bytes);
         }
     }
 }
