@@ -255,6 +255,9 @@ pub(crate) async fn send_data(
     }
 }
 
+/// How long a bulk read may wait holding a pooled chunk before the connection counts as idle.
+const BULK_IDLE: Duration = Duration::from_secs(1);
+
 /// How long a dialer keeps delivering the peer's bytes after its local side stopped
 /// sending (a half-closed client still reads the response).
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(30);
@@ -286,10 +289,20 @@ where
         let mut buf = BytesMut::new();
         loop {
             let read = if want >= MAX_CHUNK {
+                // A connection idling after a bulk transfer gives its chunk back to the pool
+                // and waits with a small buffer instead (a read is cancel-safe).
+                if buf.capacity() > 0 {
+                    // The small buffer's spare capacity would keep its allocation alive.
+                    buf = BytesMut::new();
+                }
                 let mut chunk = Chunk::take();
-                match rd.read(chunk.space()).await {
-                    Ok(n) => Ok((n, chunk.freeze(n))),
-                    Err(e) => Err(e),
+                match tokio::time::timeout(BULK_IDLE, rd.read(chunk.space())).await {
+                    Ok(Ok(n)) => Ok((n, chunk.freeze(n))),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => {
+                        want = 2 << 10;
+                        continue;
+                    }
                 }
             } else {
                 buf.reserve(want);

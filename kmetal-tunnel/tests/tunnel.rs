@@ -44,6 +44,29 @@ async fn every_frontend_reaches_the_backend_through_the_agent() {
     t.stop().await;
 }
 
+/// A connection that goes quiet after a bulk transfer (its reads give their pooled chunk back
+/// after a second) carries every byte of the next burst and of small messages intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_after_a_bulk_transfer_resumes_intact() {
+    let b = bundle("tenant-a");
+    let t = Tunnel::start(&b, server_config("s0", 1)).await;
+    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    let backend = echo_backend().await.to_string();
+    let mut s = connect_unix(&t, &backend).await.expect("unix CONNECT");
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    for round in 0..3 {
+        assert_eq!(echo_round(&mut s, &big).await, big, "burst {round}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            echo_round(&mut s, b"ping").await,
+            b"ping",
+            "after idling {round}"
+        );
+    }
+    t.stop().await;
+}
+
 /// With no agent, or a backend nobody listens on, the dial fails at once with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dials_fail_fast_with_a_clear_error() {
