@@ -358,15 +358,8 @@ async fn connect_once(
             })?;
         let (link, outbound) = Link::new();
         let mut request =
-            http::Request::new(tonic::body::Body::new(grpc::PacketBody::request(outbound)));
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = Uri::from_static("http://konnectivity.invalid/AgentService/Connect");
+            grpc::request("http://konnectivity.invalid/AgentService/Connect", outbound);
         let md = request.headers_mut();
-        md.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(grpc::CONTENT_TYPE),
-        );
-        md.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         if let Ok(v) = http::HeaderValue::from_str(&c.agent_id) {
             md.insert(proto::AGENT_ID, v);
         }

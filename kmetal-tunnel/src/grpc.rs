@@ -39,7 +39,39 @@ const PACKET_DATA: u32 = 4;
 const DATA_DATA: u32 = 3;
 
 /// The gRPC content type both directions carry.
-pub(crate) const CONTENT_TYPE: &str = "application/grpc";
+const CONTENT_TYPE: &str = "application/grpc";
+
+/// A streaming gRPC request to `uri` whose body sends `packets`; metadata goes into its
+/// headers.
+pub(crate) fn request<S>(uri: &'static str, packets: S) -> http::Request<tonic::body::Body>
+where
+    S: Stream<Item = Packet> + Unpin + Send + 'static,
+{
+    let mut request = http::Request::new(tonic::body::Body::new(PacketBody::request(packets)));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from_static(uri);
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(CONTENT_TYPE),
+    );
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    request
+}
+
+/// The response to a streaming gRPC request whose body sends `packets` and ends with
+/// `grpc-status: 0`; metadata goes into its headers.
+pub(crate) fn response<S>(packets: S) -> http::Response<tonic::body::Body>
+where
+    S: Stream<Item = Packet> + Unpin + Send + 'static,
+{
+    let mut response = http::Response::new(tonic::body::Body::new(PacketBody::response(packets)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(CONTENT_TYPE),
+    );
+    response
+}
 
 /// A gRPC stream that could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +167,7 @@ fn put_prefix(out: &mut BytesMut, len: usize) {
 
 /// An HTTP body that sends a stream of packets as gRPC messages; a response body ends with
 /// `grpc-status: 0` trailers, a request body with END_STREAM.
-pub(crate) struct PacketBody<S> {
+struct PacketBody<S> {
     packets: S,
     payload: Option<Bytes>,
     ended: bool,
@@ -144,7 +176,7 @@ pub(crate) struct PacketBody<S> {
 
 impl<S> PacketBody<S> {
     /// The body of a client's request stream.
-    pub(crate) fn request(packets: S) -> Self {
+    fn request(packets: S) -> Self {
         PacketBody {
             packets,
             payload: None,
@@ -154,7 +186,7 @@ impl<S> PacketBody<S> {
     }
 
     /// The body of a server's response stream.
-    pub(crate) fn response(packets: S) -> Self {
+    fn response(packets: S) -> Self {
         PacketBody {
             trailers: true,
             ..PacketBody::request(packets)

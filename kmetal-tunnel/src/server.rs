@@ -878,13 +878,8 @@ impl AgentEndpoint {
             tracing::info!(agent = %session.id, "agent disconnected");
             shared.unregister(&session);
         });
-        let mut response =
-            http::Response::new(tonic::body::Body::new(grpc::PacketBody::response(outbound)));
+        let mut response = grpc::response(outbound);
         let md = response.headers_mut();
-        md.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(grpc::CONTENT_TYPE),
-        );
         if let Ok(v) = http::HeaderValue::from_str(&self.shared.config.server_id) {
             md.insert(proto::SERVER_ID, v);
         }

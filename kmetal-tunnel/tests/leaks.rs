@@ -9,11 +9,12 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_close_cycles_free_everything() {
-    let b = bundle("tenant-a");
-    let t = Tunnel::start(&b, server_config("s0", 1)).await;
-    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
-    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
-    let backend = echo_backend().await.to_string();
+    let Connected {
+        tunnel: t,
+        agent,
+        backend,
+        ..
+    } = connected("tenant-a").await;
     let cycle = |i: usize| {
         let t = &t;
         let backend = &backend;

@@ -12,11 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Every frontend reaches a backend through the agent: mTLS CONNECT, unix CONNECT, gRPC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_frontend_reaches_the_backend_through_the_agent() {
-    let b = bundle("tenant-a");
-    let t = Tunnel::start(&b, server_config("s0", 1)).await;
-    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
-    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
-    let backend = echo_backend().await.to_string();
+    let Connected {
+        bundle: b,
+        tunnel: t,
+        agent: _agent,
+        backend,
+    } = connected("tenant-a").await;
 
     let client = tls::connect_client(&b).expect("client tls");
     let mut s = connect_tls(&t, client, &backend)
@@ -48,11 +49,12 @@ async fn every_frontend_reaches_the_backend_through_the_agent() {
 /// after a second) carries every byte of the next burst and of small messages intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_idle_after_a_bulk_transfer_resumes_intact() {
-    let b = bundle("tenant-a");
-    let t = Tunnel::start(&b, server_config("s0", 1)).await;
-    let agent = agent(&b, vec![t.agent_addr.to_string()], "node-1");
-    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
-    let backend = echo_backend().await.to_string();
+    let Connected {
+        tunnel: t,
+        agent: _agent,
+        backend,
+        ..
+    } = connected("tenant-a").await;
     let mut s = connect_unix(&t, &backend).await.expect("unix CONNECT");
     let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
     for round in 0..3 {

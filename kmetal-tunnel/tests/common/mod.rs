@@ -135,6 +135,29 @@ pub fn agent(bundle: &Bundle, servers: Vec<String>, id: &str) -> Agent {
     Agent::start(c).expect("agent")
 }
 
+/// A tenant's server with one connected agent (`node-1`) and an echo backend.
+pub struct Connected {
+    pub bundle: Bundle,
+    pub tunnel: Tunnel,
+    pub agent: Agent,
+    pub backend: String,
+}
+
+/// Starts [`Connected`] for `tenant`.
+pub async fn connected(tenant: &str) -> Connected {
+    let bundle = bundle(tenant);
+    let tunnel = Tunnel::start(&bundle, server_config("s0", 1)).await;
+    let agent = agent(&bundle, vec![tunnel.agent_addr.to_string()], "node-1");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    let backend = echo_backend().await.to_string();
+    Connected {
+        bundle,
+        tunnel,
+        agent,
+        backend,
+    }
+}
+
 /// An echo server on loopback; each connection echoes until EOF.
 pub async fn echo_backend() -> SocketAddr {
     kmetal_testkit::ports::echo_server()
