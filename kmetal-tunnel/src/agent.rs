@@ -49,7 +49,9 @@ pub struct AgentConfig {
     pub keepalive_interval: Duration,
     /// How long an unanswered ping may take before the connection is dropped.
     pub keepalive_timeout: Duration,
-    /// Receive window per connection offered to servers that do flow control.
+    /// Receive window per connection offered to servers that do flow control: the most a
+    /// stalled connection buffers here, and the bytes one stream keeps in flight (default
+    /// [`crate::proto::DEFAULT_FLOW_WINDOW`]).
     pub flow_window: u32,
     /// On shutdown, how long open connections may finish after DRAIN.
     pub drain_grace: Duration,
@@ -75,7 +77,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
-            flow_window: 1 << 20,
+            flow_window: proto::DEFAULT_FLOW_WINDOW,
             drain_grace: Duration::from_secs(10),
         }
     }

@@ -33,6 +33,11 @@ pub const SERVER_COUNT: &str = "servercount";
 /// Flow control runs only when both sides sent it; real Konnectivity pieces ignore it.
 pub const FLOW_WINDOW: &str = "kmetal-flow-window";
 
+/// The default [`FLOW_WINDOW`]: one stream at full speed keeps about eight 256 KiB
+/// chunks in flight between the socket reads at either end (measured on loopback, one
+/// stream: 1 MiB 947 MB/s, 2 MiB 1,100 MB/s, 4 MiB 1,027 MB/s).
+pub const DEFAULT_FLOW_WINDOW: u32 = 2 << 20;
+
 /// The largest packet either side accepts (a DATA chunk is at most [`MAX_CHUNK`]).
 pub const MAX_PACKET: usize = 4 << 20;
 /// The largest DATA payload we send in one packet.

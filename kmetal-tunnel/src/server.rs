@@ -99,7 +99,9 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// Deadline for a TLS handshake or a CONNECT request head.
     pub handshake_timeout: Duration,
-    /// Receive window per connection offered to agents that do flow control.
+    /// Receive window per connection offered to agents that do flow control: the most a
+    /// stalled connection buffers here, and the bytes one stream keeps in flight (default
+    /// [`crate::proto::DEFAULT_FLOW_WINDOW`]).
     pub flow_window: u32,
     /// The CN an agent's client certificate must carry (`None`: any cert from the CA).
     pub agent_common_name: Option<String>,
@@ -116,7 +118,7 @@ impl ServerConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
-            flow_window: 1 << 20,
+            flow_window: proto::DEFAULT_FLOW_WINDOW,
             agent_common_name: Some("system:konnectivity-agent".into()),
         }
     }
