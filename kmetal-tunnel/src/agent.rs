@@ -345,8 +345,12 @@ async fn connect_once(
             }
         })
     };
+    let failed = |source| AgentError::Connect {
+        server: addr.into(),
+        source,
+    };
     let connect = async {
-        let channel = Endpoint::from_static("http://konnectivity.invalid")
+        let mut channel = Endpoint::from_static("http://konnectivity.invalid")
             .http2_keep_alive_interval(c.keepalive_interval)
             .keep_alive_timeout(c.keepalive_timeout)
             .keep_alive_while_idle(true)
@@ -354,10 +358,7 @@ async fn connect_once(
             .initial_connection_window_size(Some(8 << 20))
             .connect_with_connector(connector)
             .await
-            .map_err(|source| AgentError::Connect {
-                server: addr.into(),
-                source,
-            })?;
+            .map_err(failed)?;
         let (link, outbound) = Link::new();
         let mut request =
             grpc::request("http://konnectivity.invalid/AgentService/Connect", outbound);
@@ -369,19 +370,12 @@ async fn connect_once(
             md.insert(proto::AGENT_IDENTIFIERS, v);
         }
         md.insert(proto::FLOW_WINDOW, c.flow_window.into());
-        let mut client = channel;
-        let response = tower::ServiceExt::ready(&mut client)
+        let response = tower::ServiceExt::ready(&mut channel)
             .await
-            .map_err(|source| AgentError::Connect {
-                server: addr.into(),
-                source,
-            })?
+            .map_err(failed)?
             .call(request)
             .await
-            .map_err(|source| AgentError::Connect {
-                server: addr.into(),
-                source,
-            })?;
+            .map_err(failed)?;
         let refused = |source| AgentError::Stream {
             server: addr.into(),
             source,
@@ -398,7 +392,7 @@ async fn connect_once(
                 return Err(refused(status));
             }
         }
-        Ok::<_, AgentError>((client, link, response))
+        Ok::<_, AgentError>((channel, link, response))
     };
     let (client, link, response) = tokio::time::timeout(c.connect_timeout, connect)
         .await
