@@ -6,7 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -108,16 +109,8 @@ impl Subject {
     }
 }
 
-fn criterion_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/criterion")
-}
-
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let cluster = rt
         .block_on(EtcdCluster::start(EtcdOptions::default()))
         .expect("etcd (Debian package etcd-server) must be installed: run ./scripts/test.sh once");
@@ -146,7 +139,7 @@ fn main() {
     });
 
     let mut c = Criterion::default()
-        .output_directory(&criterion_dir())
+        .output_directory(&common::criterion_dir())
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(6))

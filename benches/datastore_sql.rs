@@ -22,13 +22,8 @@ mod common;
 use common::{LIST_KEYS, WRITERS, fill_n, list_n, put_throughput, watch_latency};
 
 fn main() {
-    // `cargo test --benches` runs benches as tests: keep that quick and still exercise it.
-    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let quick = common::quick();
+    let rt = common::runtime();
     rt.block_on(async {
         let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
         let pg = PostgresServer::start(PostgresOptions::default()).unwrap();

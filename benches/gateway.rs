@@ -35,12 +35,8 @@ async fn gateway(store: Arc<dyn Datastore>) -> String {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let quick = common::quick();
+    let rt = common::runtime();
     rt.block_on(async {
         let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
         let pg = PostgresServer::start(PostgresOptions::default()).unwrap();

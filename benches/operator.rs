@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -79,7 +81,7 @@ fn run(op: &Path, n: usize) -> (f64, u64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
+    let quick = common::quick();
     let op = operator();
     let n = if quick { 50 } else { 1000 };
     let (small_t, small_rss) = run(&op, 10);

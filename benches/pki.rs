@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -148,10 +150,6 @@ fn openssl_bundle(dir: &Path, rsa: bool, sans: &[String]) {
     openssl(&["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"], dir);
 }
 
-fn criterion_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/criterion")
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -159,7 +157,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() {
     let mut c = Criterion::default()
-        .output_directory(&criterion_dir())
+        .output_directory(&common::criterion_dir())
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))

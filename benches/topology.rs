@@ -6,7 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use std::hint::black_box;
@@ -40,10 +41,6 @@ fn grid(zones: usize, nodes_per_zone: usize, availability: f64) -> Topology {
     Topology::from_yaml(&y).unwrap()
 }
 
-fn criterion_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/criterion")
-}
-
 fn time_once(f: impl FnOnce()) -> Duration {
     let start = Instant::now();
     f();
@@ -52,7 +49,7 @@ fn time_once(f: impl FnOnce()) -> Duration {
 
 fn main() {
     let mut c = Criterion::default()
-        .output_directory(&criterion_dir())
+        .output_directory(&common::criterion_dir())
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))

@@ -15,6 +15,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -312,12 +314,8 @@ fn processes(bundle: &Bundle) -> Processes {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let quick = common::quick();
+    let rt = common::runtime();
     rt.block_on(async {
         let s = setup().await;
         let total: usize = if quick { 4 << 20 } else { 128 << 20 };

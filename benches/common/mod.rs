@@ -1,5 +1,6 @@
-//! Workloads shared by the datastore benchmarks (put throughput, paginated list, watch
-//! latency), run the same way against every subject.
+//! What the benchmarks share: how they run (quick mode, the runtime, criterion's output
+//! folder) and the datastore workloads (put throughput, paginated list, watch latency), run
+//! the same way against every subject.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -8,6 +9,27 @@ use std::time::{Duration, Instant};
 
 use kmetal::datastore::Datastore;
 use kmetal::datastore::model::{PutRequest, RangeRequest, WatchRequest, prefix_end};
+
+/// True when `cargo test --benches` runs a benchmark as a test (`--test`, `--list`): it
+/// then runs a small workload, still exercising every path.
+pub fn quick() -> bool {
+    std::env::args().any(|a| a == "--test" || a == "--list")
+}
+
+/// The runtime every async benchmark runs on: two workers, the cores of the reference
+/// machine, so ours and the peer share the same budget.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Where criterion writes its reports (the workspace's `target/criterion`).
+pub fn criterion_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/criterion")
+}
 
 /// Concurrent writers in the put benchmarks.
 pub const WRITERS: usize = 32;
