@@ -30,6 +30,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# A whole build is about 3 GB and the etcd and PostgreSQL tests write their data directories
+# under the temp dir; a full disk shows up as servers dying mid-test, so say so up front.
+free_kb=$(df -Pk . "${TMPDIR:-/tmp}" 2>/dev/null | awk 'NR>1 {print $4}' | sort -n | head -1)
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((5 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kb / 1024)) MB free for the checkout or ${TMPDIR:-/tmp}; the suite needs about 5 GB" >&2
+fi
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# Every benchmark once on a small workload (criterion's test mode), so none rots between runs.
+cargo test --benches
