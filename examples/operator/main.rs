@@ -317,6 +317,11 @@ async fn delete(what: String, namespace: Option<String>, state: String) -> Resul
     }
 }
 
+// Every tenant's Konnectivity server runs in this process, and the tunnel's zero-copy link
+// wants an allocator that keeps freed pages (kmetal-tunnel's "Allocator" docs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     run::init_logs();

@@ -21,10 +21,11 @@
 //! # Allocator
 //! A bulk stream hands each HTTP/2 read buffer on to the destination socket instead of
 //! copying out of it, so HTTP/2 allocates a new read buffer for most frames. Run binaries
-//! with an allocator that keeps freed pages: `examples/tunnel` uses mimalloc. With glibc's
-//! default malloc, freed buffers go back to the kernel and are faulted in again. Measured
-//! here with a 1 MiB flow window, one stream's throughput through the tunnel was 732 MB/s
-//! with glibc's defaults, 933 MB/s with mimalloc, and 976 MB/s with
+//! with an allocator that keeps freed pages: `examples/tunnel` and `examples/operator` use
+//! mimalloc. With glibc's default malloc, freed buffers go back to the kernel and are
+//! faulted in again. Measured here with a 1 MiB flow window, one stream's throughput
+//! through the tunnel was 732 MB/s with glibc's defaults, 933 MB/s with mimalloc, and
+//! 976 MB/s with
 //! `GLIBC_TUNABLES=glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432`.
 //!
 //! ```
