@@ -1,6 +1,8 @@
 //! The tunnel against direct connections, same process, same run (issue 8 targets):
 //! - one stream's bulk throughput through the tunnel (unix CONNECT frontend → server → mTLS
 //!   gRPC link → agent → backend) vs one direct TLS stream over loopback — target ≥ 0.8×;
+//!   the same through the mTLS CONNECT frontend and the gRPC `ProxyService` frontend (our
+//!   `ProxyClient` on the unix socket) for comparison;
 //! - request/response latency added by the tunnel over a direct TCP round trip — target
 //!   p50 ≤ 150 µs;
 //! - 1,000 concurrent streams through one agent, vs 1,000 direct connections;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kmetal_pki::{Bundle, PkiSpec};
-use kmetal_tunnel::{Agent, AgentConfig, ConnectListener, Server, ServerConfig, tls};
+use kmetal_tunnel::{Agent, AgentConfig, ConnectListener, ProxyClient, Server, ServerConfig, tls};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -31,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 struct Setup {
     bundle: Bundle,
     uds: PathBuf,
+    grpc: ProxyClient,
     mtls: SocketAddr,
     agent: Agent,
     _dir: tempfile::TempDir,
@@ -52,6 +55,11 @@ async fn setup() -> Setup {
         s.serve_connect(ConnectListener::Unix(l), std::future::pending())
             .await
     });
+    let grpc_uds = dir.path().join("grpc.sock");
+    let l = UnixListener::bind(&grpc_uds).unwrap();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_proxy_grpc(l, std::future::pending()).await });
+    let grpc = ProxyClient::connect_unix(&grpc_uds).await.unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mtls = l.local_addr().unwrap();
     let s = server.clone();
@@ -70,6 +78,7 @@ async fn setup() -> Setup {
     Setup {
         bundle,
         uds,
+        grpc,
         mtls,
         agent,
         _dir: dir,
@@ -324,7 +333,7 @@ fn main() {
         // 1. Bulk throughput, one stream, interleaved rounds.
         let plain = source(total).await.to_string();
         let direct_tls = tls_source(&s.bundle, total).await;
-        let (mut d, mut u, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d, mut u, mut m, mut g) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let tunnel_only = std::env::var_os("KMETAL_BENCH_TUNNEL_ONLY").is_some();
             let t = Instant::now();
@@ -333,6 +342,7 @@ fn main() {
                 assert_eq!(drain(via_uds(&s, &plain).await).await, total);
                 u.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
                 m.push(1.0);
+                g.push(1.0);
                 continue;
             }
             let stream = direct(&s, direct_tls).await;
@@ -341,6 +351,7 @@ fn main() {
             if std::env::var_os("KMETAL_BENCH_DIRECT_ONLY").is_some() {
                 u.push(1.0);
                 m.push(1.0);
+                g.push(1.0);
                 continue;
             }
 
@@ -352,18 +363,24 @@ fn main() {
             assert_eq!(drain(via_mtls(&s, &plain).await).await, total);
             m.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
 
+            let t = Instant::now();
+            assert_eq!(drain(s.grpc.dial(&plain).await.unwrap()).await, total);
+            g.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+
         }
         // This machine's speed drifts between rounds (direct TLS alone varies 2x from one
         // run to the next); each round measures both back to back, so the ratio is taken per
         // round and its median reported.
         let ratio_u = median(u.iter().zip(&d).map(|(u, d)| u / d).collect());
         let ratio_m = median(m.iter().zip(&d).map(|(m, d)| m / d).collect());
-        let (d, u, m) = (median(d), median(u), median(m));
+        let ratio_g = median(g.iter().zip(&d).map(|(g, d)| g / d).collect());
+        let (d, u, m, g) = (median(d), median(u), median(m), median(g));
         let only_throughput = std::env::var_os("KMETAL_BENCH_THROUGHPUT_ONLY").is_some();
         println!("throughput, one stream, {} MiB, median of {rounds} paired rounds:", total >> 20);
         println!("  direct TLS                        {d:8.0} MB/s");
         println!("  tunnel (unix CONNECT frontend)    {u:8.0} MB/s   ratio {ratio_u:.2}x  (target >= 0.8x)");
         println!("  tunnel (mTLS CONNECT frontend)    {m:8.0} MB/s   ratio {ratio_m:.2}x");
+        println!("  tunnel (gRPC frontend)            {g:8.0} MB/s   ratio {ratio_g:.2}x");
 
         // The same against `examples/tunnel` server and agent as separate processes, in rounds
         // of their own: with those processes present the direct peer itself runs slower here.

@@ -14,7 +14,6 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Endpoint, Uri};
-use tower::Service;
 
 use crate::conn::{self, ConnTable, Flow, Role};
 use crate::grpc;
@@ -370,28 +369,15 @@ async fn connect_once(
             md.insert(proto::AGENT_IDENTIFIERS, v);
         }
         md.insert(proto::FLOW_WINDOW, c.flow_window.into());
-        let response = tower::ServiceExt::ready(&mut channel)
+        let response = grpc::call(&mut channel, request)
             .await
-            .map_err(failed)?
-            .call(request)
-            .await
-            .map_err(failed)?;
-        let refused = |source| AgentError::Stream {
-            server: addr.into(),
-            source,
-        };
-        if response.status() != http::StatusCode::OK {
-            return Err(refused(tonic::Status::unavailable(format!(
-                "HTTP status {}",
-                response.status()
-            ))));
-        }
-        // A refusal comes as a trailers-only response: the status is in the headers.
-        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-            if status.code() != tonic::Code::Ok {
-                return Err(refused(status));
-            }
-        }
+            .map_err(|e| match e {
+                grpc::CallError::Transport(e) => failed(e),
+                grpc::CallError::Refused(source) => AgentError::Stream {
+                    server: addr.into(),
+                    source,
+                },
+            })?;
         Ok::<_, AgentError>((channel, link, response))
     };
     let (client, link, response) = tokio::time::timeout(c.connect_timeout, connect)

@@ -1,16 +1,25 @@
 //! A client of the gRPC `ProxyService` frontend (what kube-apiserver's konnectivity-client
-//! does): one `Proxy` stream per dial over a unix socket, bridged to a local byte stream.
+//! does): one `Proxy` stream per dial over a unix socket, read and written as a byte stream.
+//!
+//! The stream is framed by [`crate::grpc`], like the agent link: a DATA payload from the
+//! server is handed to `poll_read` as the slice HTTP/2 received, and each `poll_write`
+//! becomes one DATA packet, so a byte crosses the client with one copy each way (the one
+//! into or out of the caller's buffer).
 
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::proto::wire::proxy_service_client::ProxyServiceClient;
+use crate::grpc::{self, CallError, GrpcError, PacketReader};
 use crate::proto::{self, Frame, Packet};
 
 /// A dial through the gRPC frontend failed.
@@ -26,6 +35,9 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The connection to the frontend could not carry a new `Proxy` stream.
+    #[error("calling Proxy: {0}")]
+    Call(#[source] tonic::transport::Error),
     /// The frontend refused the stream.
     #[error("opening a Proxy stream: {0}")]
     Stream(#[source] tonic::Status),
@@ -40,13 +52,25 @@ pub enum ClientError {
     /// The stream ended before the dial was answered.
     #[error("dial {0}: the stream ended before the answer")]
     NoAnswer(String),
+    /// The stream failed before the dial was answered.
+    #[error("dial {address}: {source}")]
+    Answer {
+        /// The dialed address.
+        address: String,
+        /// How the stream failed.
+        #[source]
+        source: GrpcError,
+    },
 }
 
 /// A client of one server's gRPC frontend.
 #[derive(Debug, Clone)]
 pub struct ProxyClient {
-    client: ProxyServiceClient<Channel>,
+    channel: Channel,
 }
+
+/// Packets queued toward the server per dial before `poll_write` waits.
+const QUEUE: usize = 16;
 
 impl ProxyClient {
     /// Connects to the frontend's unix socket.
@@ -62,90 +86,174 @@ impl ProxyClient {
             }))
             .await
             .map_err(|source| ClientError::Connect { path, source })?;
-        Ok(ProxyClient {
-            client: ProxyServiceClient::new(channel).max_decoding_message_size(proto::MAX_PACKET),
-        })
+        Ok(ProxyClient { channel })
     }
 
     /// Dials `address` through the tunnel; the returned stream carries the connection.
-    pub async fn dial(&self, address: &str) -> Result<DuplexStream, ClientError> {
-        let (tx, rx) = mpsc::channel::<Packet>(64);
-        let random = 1;
-        let _ = tx
-            .send(
-                Frame::DialRequest {
-                    protocol: "tcp".into(),
-                    address: address.into(),
-                    random,
-                }
-                .into(),
-            )
-            .await;
-        let mut client = self.client.clone();
-        let mut inbound = client
-            .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+    pub async fn dial(&self, address: &str) -> Result<ProxyStream, ClientError> {
+        let (tx, rx) = mpsc::channel::<Packet>(QUEUE);
+        let dial = Frame::DialRequest {
+            protocol: "tcp".into(),
+            address: address.into(),
+            random: 1,
+        };
+        // The queue is new and empty, so this cannot fail.
+        let _ = tx.try_send(dial.into());
+        let request = grpc::request(
+            "http://konnectivity.invalid/ProxyService/Proxy",
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        );
+        let mut channel = self.channel.clone();
+        let response = grpc::call(&mut channel, request)
             .await
-            .map_err(ClientError::Stream)?
-            .into_inner();
+            .map_err(|e| match e {
+                CallError::Transport(e) => ClientError::Call(e),
+                CallError::Refused(status) => ClientError::Stream(status),
+            })?;
+        let mut inbound = PacketReader::new(response.into_body());
         let connect_id = loop {
-            match inbound.message().await {
-                Ok(Some(p)) => match Frame::try_from(p) {
-                    Ok(Frame::DialResponse {
-                        connect_id, error, ..
-                    }) => {
-                        if error.is_empty() {
-                            break connect_id;
-                        }
-                        return Err(ClientError::Dial {
-                            address: address.into(),
-                            message: error,
-                        });
-                    }
-                    _ => continue,
-                },
-                _ => return Err(ClientError::NoAnswer(address.into())),
+            let packet = match inbound.next().await {
+                Ok(Some(p)) => p,
+                Ok(None) => return Err(ClientError::NoAnswer(address.into())),
+                Err(source) => {
+                    return Err(ClientError::Answer {
+                        address: address.into(),
+                        source,
+                    });
+                }
+            };
+            if let Ok(Frame::DialResponse {
+                connect_id, error, ..
+            }) = Frame::try_from(packet)
+            {
+                if error.is_empty() {
+                    break connect_id;
+                }
+                return Err(ClientError::Dial {
+                    address: address.into(),
+                    message: error,
+                });
             }
         };
-        let (ours, theirs) = tokio::io::duplex(proto::MAX_CHUNK * 2);
-        tokio::spawn(async move {
-            let (mut rd, mut wr) = tokio::io::split(ours);
-            let up = async {
-                let mut buf = BytesMut::new();
-                loop {
-                    buf.reserve(proto::MAX_CHUNK);
-                    match rd.read_buf(&mut buf).await {
-                        Ok(n) if n > 0 => {
-                            let data = buf.split().freeze();
-                            let p = Frame::Data {
-                                connect_id,
-                                data,
-                                error: String::new(),
-                            };
-                            if tx.send(p.into()).await.is_err() {
-                                return;
-                            }
+        Ok(ProxyStream {
+            connect_id,
+            inbound,
+            current: Bytes::new(),
+            eof: false,
+            outbound: PollSender::new(tx),
+            closed: false,
+        })
+    }
+}
+
+/// One connection dialed through the gRPC frontend, as a byte stream.
+///
+/// Shutting down the write half sends `CLOSE_REQ`, which closes the whole connection (the
+/// Konnectivity protocol has no half-close); dropping the stream ends its `Proxy` call,
+/// which closes the connection too.
+#[derive(Debug)]
+pub struct ProxyStream {
+    connect_id: i64,
+    inbound: PacketReader,
+    current: Bytes,
+    eof: bool,
+    outbound: PollSender<Packet>,
+    closed: bool,
+}
+
+impl ProxyStream {
+    /// The connection id the server gave this dial.
+    pub fn connect_id(&self) -> i64 {
+        self.connect_id
+    }
+
+    /// Waits for room in the request queue, then queues the frame `make` builds (built
+    /// only once there is room, so a pending write copies nothing).
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        make: impl FnOnce(i64) -> Frame,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.outbound.poll_reserve(cx)).map_err(|_| gone())?;
+        let frame = make(self.connect_id);
+        self.outbound.send_item(frame.into()).map_err(|_| gone())?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The request half of the `Proxy` call has ended (the server or the connection went away).
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the Proxy stream has ended")
+}
+
+impl AsyncRead for ProxyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.current.is_empty() && !this.eof {
+            match ready!(this.inbound.poll_next(cx)) {
+                Ok(Some(packet)) => match Frame::try_from(packet) {
+                    Ok(Frame::Data { data, error, .. }) => {
+                        if !error.is_empty() {
+                            this.eof = true;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                error,
+                            )));
                         }
-                        _ => {
-                            let _ = tx.send(Frame::CloseRequest { connect_id }.into()).await;
-                            return;
-                        }
+                        this.current = data;
                     }
-                }
-            };
-            let down = async {
-                while let Ok(Some(p)) = inbound.message().await {
-                    match Frame::try_from(p) {
-                        Ok(Frame::Data { data, .. }) if wr.write_all(&data).await.is_err() => {
-                            return;
-                        }
-                        Ok(Frame::CloseResponse { .. }) => break,
-                        _ => {}
+                    Ok(Frame::CloseResponse { .. }) | Ok(Frame::CloseRequest { .. }) => {
+                        this.eof = true
                     }
+                    _ => {}
+                },
+                Ok(None) => this.eof = true,
+                Err(e) => {
+                    this.eof = true;
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, e)));
                 }
-                let _ = wr.shutdown().await;
-            };
-            tokio::join!(up, down);
-        });
-        Ok(theirs)
+            }
+        }
+        let n = this.current.len().min(buf.remaining());
+        buf.put_slice(&this.current[..n]);
+        this.current.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ProxyStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.closed {
+            return Poll::Ready(Err(gone()));
+        }
+        let n = buf.len().min(proto::MAX_CHUNK);
+        ready!(self.poll_send(cx, |connect_id| Frame::Data {
+            connect_id,
+            data: Bytes::copy_from_slice(&buf[..n]),
+            error: String::new(),
+        }))?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Queued packets go out as soon as the HTTP/2 stream's window allows.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.closed {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.poll_send(cx, |connect_id| Frame::CloseRequest { connect_id }))?;
+        self.closed = true;
+        Poll::Ready(Ok(()))
     }
 }

@@ -1,5 +1,6 @@
-//! gRPC message framing for the agent link (`AgentService.Connect`), done here instead of
-//! by tonic's codec so bulk DATA payloads cross the HTTP/2 layer without being copied.
+//! gRPC message framing for the agent link (`AgentService.Connect`) and the gRPC frontend
+//! (`ProxyService.Proxy`), done here instead of by tonic's codec so bulk DATA payloads cross
+//! the HTTP/2 layer without being copied.
 //!
 //! tonic copies every outgoing message into its encode buffer and every incoming body chunk
 //! into its decode buffer; on a link that carries all of a tenant's kubelet traffic those
@@ -310,8 +311,8 @@ impl Buf for Chunks {
     }
 }
 
-/// Splits a gRPC byte stream (the body of an `AgentService.Connect` request or response)
-/// into packets; a payload that arrived in one piece is a slice of it, not a copy.
+/// Splits a gRPC byte stream (the body of an `AgentService.Connect` or `ProxyService.Proxy`
+/// request or response) into packets; a payload that arrived in one piece is a slice of it, not a copy.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Chunks,
@@ -357,6 +358,7 @@ impl Decoder {
 
 /// Reads the packets of a gRPC stream's body (a request body on the server, a response
 /// body on the client).
+#[derive(Debug)]
 pub(crate) struct PacketReader {
     body: tonic::body::Body,
     decoder: Decoder,
@@ -372,14 +374,22 @@ impl PacketReader {
 
     /// The next packet; `None` when the peer ended the stream cleanly.
     pub(crate) async fn next(&mut self) -> Result<Option<Packet>, GrpcError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`PacketReader::next`] for callers that poll (a stream's `poll_read`).
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Packet>, GrpcError>> {
         loop {
             if let Some(p) = self.decoder.next_packet()? {
-                return Ok(Some(p));
+                return Poll::Ready(Ok(Some(p)));
             }
-            let frame = std::future::poll_fn(|cx| {
-                http_body::Body::poll_frame(Pin::new(&mut self.body), cx)
-            })
-            .await;
+            let frame = match http_body::Body::poll_frame(Pin::new(&mut self.body), cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => return Poll::Pending,
+            };
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.decoder.push(data),
@@ -389,21 +399,59 @@ impl PacketReader {
                             .and_then(tonic::Status::from_header_map)
                         {
                             if status.code() != tonic::Code::Ok {
-                                return Err(GrpcError::Status(status));
+                                return Poll::Ready(Err(GrpcError::Status(status)));
                             }
                         }
                     }
                 },
-                Some(Err(status)) => return Err(GrpcError::Body(status)),
+                Some(Err(status)) => return Poll::Ready(Err(GrpcError::Body(status))),
                 None => {
-                    return match self.decoder.pending() {
+                    return Poll::Ready(match self.decoder.pending() {
                         0 => Ok(None),
                         n => Err(GrpcError::Truncated(n)),
-                    };
+                    });
                 }
             }
         }
     }
+}
+
+/// Why a streaming call was not accepted.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// The channel could not carry the request (connection refused, reset, timed out).
+    Transport(tonic::transport::Error),
+    /// The server answered with a non-OK HTTP or gRPC status.
+    Refused(tonic::Status),
+}
+
+/// Sends a streaming `request` on `channel` and waits for the response headers: the
+/// response when the server accepted the call.
+pub(crate) async fn call(
+    channel: &mut tonic::transport::Channel,
+    request: http::Request<tonic::body::Body>,
+) -> Result<http::Response<tonic::body::Body>, CallError> {
+    use tower::{Service, ServiceExt};
+    let response = channel
+        .ready()
+        .await
+        .map_err(CallError::Transport)?
+        .call(request)
+        .await
+        .map_err(CallError::Transport)?;
+    if response.status() != http::StatusCode::OK {
+        return Err(CallError::Refused(tonic::Status::unavailable(format!(
+            "HTTP status {}",
+            response.status()
+        ))));
+    }
+    // A refusal comes as a trailers-only response: the status is in the headers.
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        if status.code() != tonic::Code::Ok {
+            return Err(CallError::Refused(status));
+        }
+    }
+    Ok(response)
 }
 
 #[cfg(test)]

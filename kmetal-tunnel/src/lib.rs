@@ -9,13 +9,14 @@
 //! - [`server`]: [`Server`] — the mTLS agent listener, the frontends (gRPC `ProxyService` and
 //!   HTTP CONNECT on a unix socket, HTTP CONNECT on mTLS TCP) and the proxy [`Strategy`]s.
 //! - [`agent`]: [`Agent`] — dial-out, identifiers, server count, backoff, DRAIN.
-//! - [`client`]: [`ProxyClient`], a dialer for the gRPC frontend (konnectivity-client's role).
+//! - [`client`]: [`ProxyClient`], a dialer for the gRPC frontend (konnectivity-client's
+//!   role), whose dials are [`ProxyStream`] byte streams.
 //! - [`connect`]: HTTP CONNECT request parsing and responses.
 //! - [`tls`]: mTLS configurations from a tenant's [`kmetal_pki::Bundle`].
 //! - `link`, `conn` (private): the per-peer packet queue, and one tunneled connection with
 //!   its flow control and byte pump, shared by server and agent.
-//! - [`grpc`]: the agent link's gRPC framing, which moves DATA payloads through HTTP/2
-//!   without copying them.
+//! - [`grpc`]: the gRPC framing of the agent link and the gRPC frontend, which moves DATA
+//!   payloads through HTTP/2 without copying them.
 //! - `pool` (private): the pooled buffers bulk reads land in.
 //!
 //! # Allocator
@@ -48,7 +49,7 @@ pub mod server;
 pub mod tls;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentStats};
-pub use client::{ClientError, ProxyClient};
+pub use client::{ClientError, ProxyClient, ProxyStream};
 pub use proto::{Frame, Identifiers, PacketError};
 pub use server::{
     AgentInfo, ConnectListener, DialError, Server, ServerConfig, ServerError, ServerStats, Strategy,

@@ -19,14 +19,12 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 use crate::conn::{self, ConnEnd, ConnTable, Flow, Role};
 use crate::connect;
 use crate::grpc;
 use crate::link::Link;
-use crate::proto::wire::proxy_service_server::{ProxyService, ProxyServiceServer};
 use crate::proto::{self, Frame, Identifiers, Packet};
 
 /// How a dial picks an agent (Konnectivity's `--proxy-strategies`, tried in order).
@@ -611,15 +609,22 @@ impl Server {
         listener: UnixListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
+        // A Proxy stream lives as long as kube-apiserver keeps it, so tonic's graceful
+        // shutdown would wait for them forever: shutdown ends them (closing their
+        // connections) with a clean grpc-status.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
-            .add_service(
-                ProxyServiceServer::from_arc(Arc::new(ProxyEndpoint {
-                    shared: self.shared.clone(),
-                }))
-                .max_decoding_message_size(proto::MAX_PACKET),
-            )
+            .max_frame_size(Some(proto::MAX_CHUNK as u32 + 1024))
+            .add_service(ProxyEndpoint {
+                shared: self.shared.clone(),
+                stopped,
+            })
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 shutdown,
@@ -777,8 +782,6 @@ impl AsyncWrite for AgentIo {
     }
 }
 
-type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
-
 /// `AgentService` as a plain HTTP service: the link frames gRPC itself ([`crate::grpc`]) so
 /// DATA payloads are not copied by a codec.
 #[derive(Clone)]
@@ -810,6 +813,22 @@ impl tower::Service<http::Request<tonic::body::Body>> for AgentEndpoint {
     }
 }
 
+/// Refuses a call to anything but `path`, or one whose messages would be compressed.
+fn check_call(request: &http::Request<tonic::body::Body>, path: &str) -> Result<(), Status> {
+    if request.uri().path() != path {
+        return Err(Status::unimplemented(format!(
+            "no method {}",
+            request.uri().path()
+        )));
+    }
+    if header_str(request.headers(), "grpc-encoding").is_some_and(|e| e != "identity") {
+        return Err(Status::unimplemented(
+            "compressed streams are not supported",
+        ));
+    }
+    Ok(())
+}
+
 fn header_str<'a>(headers: &'a http::HeaderMap, key: &str) -> Option<&'a str> {
     headers.get(key).and_then(|v| v.to_str().ok())
 }
@@ -819,18 +838,8 @@ impl AgentEndpoint {
         &self,
         request: http::Request<tonic::body::Body>,
     ) -> Result<http::Response<tonic::body::Body>, Status> {
-        if request.uri().path() != AGENT_CONNECT_PATH {
-            return Err(Status::unimplemented(format!(
-                "no method {} on AgentService",
-                request.uri().path()
-            )));
-        }
+        check_call(&request, AGENT_CONNECT_PATH)?;
         let md = request.headers();
-        if header_str(md, "grpc-encoding").is_some_and(|e| e != "identity") {
-            return Err(Status::unimplemented(
-                "compressed agent streams are not supported",
-            ));
-        }
         let id = header_str(md, proto::AGENT_ID)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Status::invalid_argument("missing agentID metadata"))?
@@ -893,25 +902,62 @@ impl AgentEndpoint {
     }
 }
 
+/// `ProxyService` as a plain HTTP service, framed by [`crate::grpc`] like the agent link, so
+/// a DATA payload from kube-apiserver reaches the agent link, and one from the agent
+/// reaches kube-apiserver, without being copied.
+#[derive(Clone)]
 struct ProxyEndpoint {
     shared: Arc<Shared>,
+    /// Turns true when the frontend shuts down.
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
+
+impl tonic::server::NamedService for ProxyEndpoint {
+    const NAME: &'static str = "ProxyService";
+}
+
+/// The one method of `ProxyService`.
+const PROXY_PATH: &str = "/ProxyService/Proxy";
 
 /// Packets queued toward one gRPC frontend stream before its forwarders wait (HTTP/2 flow
 /// control then pushes back per stream).
 const FRONTEND_QUEUE: usize = 64;
 
-#[tonic::async_trait]
-impl ProxyService for ProxyEndpoint {
-    type ProxyStream = PacketStream;
+impl tower::Service<http::Request<tonic::body::Body>> for ProxyEndpoint {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
 
-    async fn proxy(
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::ready(Ok(self.proxy(request).unwrap_or_else(Status::into_http)))
+    }
+}
+
+impl ProxyEndpoint {
+    fn proxy(
         &self,
-        request: Request<Streaming<Packet>>,
-    ) -> Result<Response<PacketStream>, Status> {
-        let (tx, rx) = mpsc::channel::<Result<Packet, Status>>(FRONTEND_QUEUE);
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status> {
+        check_call(&request, PROXY_PATH)?;
+        let (tx, rx) = mpsc::channel::<Packet>(FRONTEND_QUEUE);
         let shared = self.shared.clone();
-        let mut inbound = request.into_inner();
+        let mut stopped = self.stopped.clone();
+        let stopped = async move {
+            // Also over when the sender is gone, that is when the server has ended.
+            while !*stopped.borrow_and_update() {
+                if stopped.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let mut inbound = grpc::PacketReader::new(request.into_body());
         tokio::spawn(async move {
             let mut frontend = GrpcFrontend {
                 shared,
@@ -921,22 +967,28 @@ impl ProxyService for ProxyEndpoint {
                 next_id: 0,
             };
             let (done_tx, mut done_rx) = mpsc::unbounded_channel::<GrpcEvent>();
+            let mut stopped = std::pin::pin!(stopped);
             loop {
                 tokio::select! {
-                    msg = inbound.message() => match msg {
+                    msg = inbound.next() => match msg {
                         Ok(Some(packet)) => match Frame::try_from(packet) {
                             Ok(frame) => frontend.on_frame(frame, &done_tx).await,
                             Err(e) => tracing::debug!(error = %e, "malformed packet from a frontend; ignored"),
                         },
-                        _ => break,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "frontend stream failed");
+                            break;
+                        }
                     },
                     Some(ev) = done_rx.recv() => frontend.on_event(ev, &done_tx).await,
+                    _ = &mut stopped => break,
                 }
             }
             frontend.close_all().await;
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok(grpc::response(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
         )))
     }
 }
@@ -961,7 +1013,7 @@ struct FrontendConn {
 
 struct GrpcFrontend {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Result<Packet, Status>>,
+    tx: mpsc::Sender<Packet>,
     conns: HashMap<i64, FrontendConn>,
     dials: HashMap<i64, tokio::task::JoinHandle<()>>,
     next_id: i64,
@@ -969,7 +1021,7 @@ struct GrpcFrontend {
 
 impl GrpcFrontend {
     async fn send(&self, frame: Frame) {
-        let _ = self.tx.send(Ok(frame.into())).await;
+        let _ = self.tx.send(frame.into()).await;
     }
 
     async fn on_frame(&mut self, frame: Frame, events: &mpsc::UnboundedSender<GrpcEvent>) {
@@ -1083,7 +1135,7 @@ impl GrpcFrontend {
 
 /// Forwards one connection's bytes from the agent to a gRPC frontend stream, returning
 /// credit to the agent as the frontend's HTTP/2 stream accepts them.
-async fn forward_to_frontend(mut end: ConnEnd, id: i64, tx: mpsc::Sender<Result<Packet, Status>>) {
+async fn forward_to_frontend(mut end: ConnEnd, id: i64, tx: mpsc::Sender<Packet>) {
     while let Some(msg) = end.recv().await {
         match msg {
             conn::Inbound::Data(data) => {
@@ -1093,18 +1145,20 @@ async fn forward_to_frontend(mut end: ConnEnd, id: i64, tx: mpsc::Sender<Result<
                     data,
                     error: String::new(),
                 };
-                if tx.send(Ok(packet.into())).await.is_err() {
+                if tx.send(packet.into()).await.is_err() {
                     return;
                 }
                 end.consumed(len);
             }
             conn::Inbound::Close => {
                 let _ = tx
-                    .send(Ok(Frame::CloseResponse {
-                        connect_id: id,
-                        error: String::new(),
-                    }
-                    .into()))
+                    .send(
+                        Frame::CloseResponse {
+                            connect_id: id,
+                            error: String::new(),
+                        }
+                        .into(),
+                    )
                     .await;
                 return;
             }

@@ -1,6 +1,7 @@
-//! The agent link frames gRPC by hand (`src/grpc.rs`); these tests hold it to tonic's own
-//! generated AgentService client and server, an independent gRPC implementation: big DATA
-//! packets both ways, the stream metadata, and the trailers that end a stream cleanly.
+//! The agent link and the gRPC frontend frame gRPC by hand (`src/grpc.rs`); these tests hold
+//! them to tonic's own generated AgentService and ProxyService clients and server, an
+//! independent gRPC implementation: big DATA packets both ways, the stream metadata, and the
+//! trailers that end a stream cleanly.
 
 mod common;
 
@@ -13,11 +14,12 @@ use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use kmetal_tunnel::proto::wire::agent_service_client::AgentServiceClient;
 use kmetal_tunnel::proto::wire::agent_service_server::{AgentService, AgentServiceServer};
+use kmetal_tunnel::proto::wire::proxy_service_client::ProxyServiceClient;
 use kmetal_tunnel::proto::{self, Packet};
 use kmetal_tunnel::{Frame, tls};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Endpoint, Uri};
@@ -148,6 +150,98 @@ async fn tonic_agent_client_talks_to_our_server() {
         .await
         .expect("in time");
     assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+/// kube-apiserver's side: tonic's generated ProxyService client dials through our gRPC
+/// frontend, sends a big message, reads our split encoding of the echo, and closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonic_proxy_client_talks_to_our_grpc_frontend() {
+    let common::Connected {
+        tunnel,
+        agent: _agent,
+        backend,
+        ..
+    } = common::connected("interop-proxy").await;
+    let uds = tunnel.grpc_uds.clone();
+    let channel = Endpoint::from_static("http://konnectivity")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let uds = uds.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(uds).await?)) }
+        }))
+        .await
+        .expect("channel");
+    let mut client = ProxyServiceClient::new(channel).max_decoding_message_size(proto::MAX_PACKET);
+
+    // A dial that cannot succeed is answered with an error, not a hang.
+    let (to_server, rx) = mpsc::channel::<Packet>(16);
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let dial = |address: String, random| Frame::DialRequest {
+        protocol: "tcp".into(),
+        address,
+        random,
+    };
+    to_server.send(dial(dead, 9).into()).await.expect("send");
+    let mut from_server = client
+        .proxy(ReceiverStream::new(rx))
+        .await
+        .expect("proxy")
+        .into_inner();
+    match next(&mut from_server).await {
+        Frame::DialResponse {
+            random: 9, error, ..
+        } => assert!(!error.is_empty(), "a refused dial carries its error"),
+        other => panic!("expected DIAL_RSP, got {other:?}"),
+    }
+    drop(to_server);
+
+    let (to_server, rx) = mpsc::channel::<Packet>(16);
+    to_server.send(dial(backend, 5).into()).await.expect("send");
+    let mut from_server = client
+        .proxy(ReceiverStream::new(rx))
+        .await
+        .expect("proxy")
+        .into_inner();
+    let connect_id = match next(&mut from_server).await {
+        Frame::DialResponse {
+            random: 5,
+            connect_id,
+            error,
+        } if error.is_empty() => connect_id,
+        other => panic!("expected a good DIAL_RSP, got {other:?}"),
+    };
+    // tonic's encoding of a big message, read by our decoder; the echo comes back in our
+    // split encoding, read by tonic's decoder.
+    let up = pattern(500_000, 4);
+    to_server
+        .send(
+            Frame::Data {
+                connect_id,
+                data: Bytes::from(up.clone()),
+                error: String::new(),
+            }
+            .into(),
+        )
+        .await
+        .expect("send");
+    assert_eq!(collect(&mut from_server, connect_id, up.len()).await, up);
+    assert!(common::eventually(DEADLINE, || tunnel.server.stats().connections == 1).await);
+
+    to_server
+        .send(Frame::CloseRequest { connect_id }.into())
+        .await
+        .expect("send");
+    assert_eq!(
+        next(&mut from_server).await,
+        Frame::CloseResponse {
+            connect_id,
+            error: String::new()
+        }
+    );
+    assert!(common::eventually(DEADLINE, || tunnel.server.stats().connections == 0).await);
+    tunnel.stop().await;
 }
 
 /// A tonic AgentService server that tunnels one dial to `target` and echoes nothing itself.

@@ -398,3 +398,78 @@ async fn proxy_strategies_route_by_identifiers() {
     t.stop().await;
     t2.stop().await;
 }
+
+/// A stream dialed through the gRPC frontend closes its connection on shutdown and on drop,
+/// and its reads end instead of hanging when the agent behind it goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_frontend_streams_close_on_shutdown_drop_and_agent_loss() {
+    let Connected {
+        tunnel: t,
+        agent,
+        backend,
+        ..
+    } = connected("tenant-a").await;
+    let grpc = ProxyClient::connect_unix(&t.grpc_uds).await.expect("grpc");
+    let open = |n| {
+        let server = t.server.clone();
+        move || server.stats().connections == n
+    };
+
+    let mut s = grpc.dial(&backend).await.expect("dial");
+    assert_eq!(echo_round(&mut s, b"shutdown").await, b"shutdown");
+    assert!(eventually(Duration::from_secs(10), open(1)).await);
+    s.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the close is answered in time")
+        .expect("a clean end");
+    assert!(rest.is_empty());
+    assert!(
+        s.write_all(b"late").await.is_err(),
+        "no writes after shutdown"
+    );
+    assert!(eventually(Duration::from_secs(10), open(0)).await);
+
+    let mut s = grpc.dial(&backend).await.expect("dial");
+    assert_eq!(echo_round(&mut s, b"drop").await, b"drop");
+    assert!(eventually(Duration::from_secs(10), open(1)).await);
+    drop(s);
+    assert!(eventually(Duration::from_secs(10), open(0)).await);
+
+    let mut s = grpc.dial(&backend).await.expect("dial");
+    assert_eq!(echo_round(&mut s, b"agent loss").await, b"agent loss");
+    drop(agent);
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("reads end when the agent goes away");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert!(eventually(Duration::from_secs(10), open(0)).await);
+    t.stop().await;
+}
+
+/// Stopping the server ends the gRPC frontend's open streams (their connections close)
+/// instead of waiting for kube-apiserver to end them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_grpc_frontend_ends_its_open_streams() {
+    let Connected {
+        tunnel: t,
+        agent: _agent,
+        backend,
+        ..
+    } = connected("tenant-a").await;
+    let grpc = ProxyClient::connect_unix(&t.grpc_uds).await.expect("grpc");
+    let mut s = grpc.dial(&backend).await.expect("dial");
+    assert_eq!(echo_round(&mut s, b"open").await, b"open");
+    let server = t.server.clone();
+    tokio::time::timeout(Duration::from_secs(5), t.stop())
+        .await
+        .expect("the listeners stop with a stream open");
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert!(eventually(Duration::from_secs(10), || server.stats().connections == 0).await);
+}
