@@ -6,7 +6,9 @@
 //! - request/response latency added by the tunnel over a direct TCP round trip — target
 //!   p50 ≤ 150 µs;
 //! - 1,000 concurrent streams through one agent, vs 1,000 direct connections;
-//! - resident memory per idle tunneled stream, vs per idle direct connection.
+//! - resident memory per idle tunneled stream, vs per idle direct connection;
+//! - bytes the server holds per stalled stream (a client that stops reading), vs the
+//!   largest flow window.
 //!
 //! Client, server, agent and backends share this process's two worker threads.
 //! `KMETAL_BENCH_THROUGHPUT_ONLY=1` stops after the throughput part;
@@ -32,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 struct Setup {
     bundle: Bundle,
+    server: Server,
     uds: PathBuf,
     grpc: ProxyClient,
     mtls: SocketAddr,
@@ -77,6 +80,7 @@ async fn setup() -> Setup {
     assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
     Setup {
         bundle,
+        server,
         uds,
         grpc,
         mtls,
@@ -532,6 +536,28 @@ fn main() {
         println!("memory per idle stream ({idle} streams, growth of this process's RSS):");
         println!("  direct TCP (client + echo backend; socket buffers are kernel memory) {direct_per:8.0} B");
         println!("  tunnel (client, server, agent, backend)                              {tunnel_per:8.0} B");
+        drop(held);
+
+        // 5. Stalled streams: a client that stops reading while its backend keeps writing
+        // (kubectl logs -f behind a slow terminal). With flow control the server holds at
+        // most the connection's window for it; windows start small and grow only while
+        // the consumer keeps up.
+        let stalled = if quick { 10 } else { 200 };
+        let firehose = source(usize::MAX).await.to_string();
+        let mut held = Vec::new();
+        for _ in 0..stalled {
+            held.push(via_uds(&s, &firehose).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let per = s.server.stats().buffered as f64 / stalled as f64;
+        let max = kmetal_tunnel::proto::DEFAULT_FLOW_WINDOW as f64;
+        println!("stalled streams ({stalled}, never read; the backend writes without end):");
+        println!(
+            "  server buffers {:6.0} KiB per stream   ratio {:.2}x the largest window ({:.0} KiB)",
+            per / 1024.0,
+            per / max,
+            max / 1024.0
+        );
         drop(held);
     });
 }

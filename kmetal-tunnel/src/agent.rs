@@ -48,9 +48,9 @@ pub struct AgentConfig {
     pub keepalive_interval: Duration,
     /// How long an unanswered ping may take before the connection is dropped.
     pub keepalive_timeout: Duration,
-    /// Receive window per connection offered to servers that do flow control: the most a
-    /// stalled connection buffers here, and the bytes one stream keeps in flight (default
-    /// [`crate::proto::DEFAULT_FLOW_WINDOW`]).
+    /// The largest receive window per connection with servers that do flow control (default
+    /// [`crate::proto::DEFAULT_FLOW_WINDOW`]); windows start at
+    /// [`crate::proto::INITIAL_FLOW_WINDOW`] and grow while the backend keeps up.
     pub flow_window: u32,
     /// On shutdown, how long open connections may finish after DRAIN.
     pub drain_grace: Duration,
@@ -368,7 +368,10 @@ async fn connect_once(
         if let Ok(v) = http::HeaderValue::from_str(&c.identifiers.to_string()) {
             md.insert(proto::AGENT_IDENTIFIERS, v);
         }
-        md.insert(proto::FLOW_WINDOW, c.flow_window.into());
+        md.insert(
+            proto::FLOW_WINDOW,
+            conn::Window::up_to(c.flow_window).initial.into(),
+        );
         let response = grpc::call(&mut channel, request)
             .await
             .map_err(|e| match e {

@@ -8,6 +8,13 @@
 //! stalls only itself. With a peer that does not negotiate (a real Konnectivity piece), the
 //! receive buffer is capped instead and a connection that overruns it is closed with an
 //! error, rather than blocking every other connection on the link as Konnectivity does.
+//!
+//! Windows are tuned per connection, like TCP's receive buffer: the advertised window is
+//! only the starting credit ([`INITIAL_FLOW_WINDOW`](crate::proto::INITIAL_FLOW_WINDOW)), and
+//! the receiver doubles a connection's window, up to the configured maximum, each time a
+//! whole window is consumed within [`GROW_WITHIN`] (it returns the extra credit with the
+//! consumed bytes). A bulk stream reaches the maximum within a few windows; a stalled or
+//! slow one keeps the small window, so many stalled connections hold little memory.
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -18,6 +25,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 
 use crate::link::Link;
 use crate::pool::Chunk;
@@ -40,12 +48,17 @@ pub(crate) enum Role {
     Agent,
 }
 
+/// A connection's window doubles when a whole window is consumed within this time, that is
+/// when its consumer drains at least `window / GROW_WITHIN` (2.6 MB/s at the initial window).
+pub(crate) const GROW_WITHIN: Duration = Duration::from_millis(100);
+
 /// The link-side handle of a connection, kept in the link's table.
 #[derive(Debug)]
 pub(crate) struct Slot {
     tx: mpsc::UnboundedSender<Inbound>,
     buffered: Arc<AtomicUsize>,
-    limit: usize,
+    /// The receive window: more buffered than this is an overrun.
+    limit: Arc<AtomicUsize>,
     credit: Option<Arc<Semaphore>>,
 }
 
@@ -57,7 +70,8 @@ impl Slot {
     /// Queues bytes for the local socket; `Err` when the peer overran the window.
     pub(crate) fn deliver(&self, data: Bytes) -> Result<(), Overrun> {
         let len = data.len();
-        if self.buffered.fetch_add(len, Ordering::AcqRel) + len > self.limit {
+        if self.buffered.fetch_add(len, Ordering::AcqRel) + len > self.limit.load(Ordering::Acquire)
+        {
             return Err(Overrun);
         }
         self.tx.send(Inbound::Data(data)).map_err(|_| Overrun)
@@ -82,17 +96,40 @@ impl Slot {
 /// Flow-control settings of one link.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Flow {
-    /// The window we advertised (our receive buffer per connection), if negotiated.
-    pub own: Option<u32>,
-    /// The window the peer advertised (our send credit per connection), if negotiated.
+    /// Our receive window per connection, if negotiated.
+    pub own: Option<Window>,
+    /// The window the peer advertised (our starting send credit per connection), if
+    /// negotiated.
     pub peer: Option<u32>,
 }
 
+/// Our receive window per connection: where it starts (what we advertise) and how far it
+/// may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub initial: u32,
+    pub max: u32,
+}
+
+impl Window {
+    /// The window for a configured maximum: it starts at
+    /// [`INITIAL_FLOW_WINDOW`](crate::proto::INITIAL_FLOW_WINDOW) or the maximum if smaller.
+    pub(crate) fn up_to(max: u32) -> Window {
+        let max = max.max(1);
+        Window {
+            initial: crate::proto::INITIAL_FLOW_WINDOW.min(max),
+            max,
+        }
+    }
+}
+
 impl Flow {
+    /// Flow control runs when the peer advertised a window; `own` is our configured
+    /// maximum window.
     pub(crate) fn negotiated(own: u32, peer: Option<u32>) -> Flow {
         match peer {
             Some(p) if p > 0 => Flow {
-                own: Some(own),
+                own: Some(Window::up_to(own)),
                 peer: Some(p),
             },
             _ => Flow {
@@ -103,15 +140,71 @@ impl Flow {
     }
 }
 
+/// The receiving side of one connection's flow control.
+#[derive(Debug)]
+struct Receive {
+    buffered: Arc<AtomicUsize>,
+    limit: Arc<AtomicUsize>,
+    /// `None` without flow control: nothing is granted back.
+    tuning: Option<Tuning>,
+}
+
+/// A connection's current receive window and the consumption measured against it.
+#[derive(Debug)]
+struct Tuning {
+    window: usize,
+    max: usize,
+    since: Instant,
+    consumed: usize,
+}
+
+impl Receive {
+    /// `len` bytes reached the local side: the credit to grant the peer (the bytes, plus
+    /// the window's growth), or `None` without flow control.
+    fn consumed(&mut self, len: usize) -> Option<usize> {
+        self.buffered.fetch_sub(len, Ordering::AcqRel);
+        let t = self.tuning.as_mut()?;
+        let mut grant = len;
+        t.consumed += len;
+        if t.consumed >= t.window {
+            let now = Instant::now();
+            if t.window < t.max && now.duration_since(t.since) < GROW_WITHIN {
+                let extra = t.window.min(t.max - t.window);
+                // The limit grows before the peer can use the credit.
+                self.limit.fetch_add(extra, Ordering::AcqRel);
+                t.window += extra;
+                grant += extra;
+            }
+            t.since = now;
+            t.consumed = 0;
+        }
+        Some(grant)
+    }
+}
+
+/// Returns `len` consumed bytes of `connect_id` as credit over `link`; false when the link
+/// is gone.
+fn return_credit(link: &Link, connect_id: i64, recv: &mut Receive, len: usize) -> bool {
+    match recv.consumed(len) {
+        Some(bytes) => link.control(Frame::Window {
+            connect_id,
+            bytes: bytes as i64,
+        }),
+        None => true,
+    }
+}
+
 /// The local-side handle of a connection, consumed by [`pump`].
 #[derive(Debug)]
 pub(crate) struct ConnEnd {
     pub connect_id: i64,
     link: Link,
     rx: mpsc::UnboundedReceiver<Inbound>,
-    buffered: Arc<AtomicUsize>,
+    recv: Receive,
     credit: Option<Arc<Semaphore>>,
-    send_windows: bool,
+    /// The largest DATA payload the peer's starting window admits (a larger one would wait
+    /// for credit that never comes).
+    max_send: usize,
     table: Arc<ConnTable>,
 }
 
@@ -127,14 +220,13 @@ impl ConnEnd {
     }
 
     /// `len` bytes were handed to the local side: return the credit to the peer.
-    pub(crate) fn consumed(&self, len: usize) {
-        self.buffered.fetch_sub(len, Ordering::AcqRel);
-        if self.send_windows {
-            self.link.control(Frame::Window {
-                connect_id: self.connect_id,
-                bytes: len as i64,
-            });
-        }
+    pub(crate) fn consumed(&mut self, len: usize) {
+        return_credit(&self.link, self.connect_id, &mut self.recv, len);
+    }
+
+    /// The largest DATA payload to send at once (see [`send_data`]).
+    pub(crate) fn max_send(&self) -> usize {
+        self.max_send
     }
 }
 
@@ -170,10 +262,13 @@ impl ConnTable {
         let (tx, rx) = mpsc::unbounded_channel();
         let buffered = Arc::new(AtomicUsize::new(0));
         let credit = flow.peer.map(|w| Arc::new(Semaphore::new(w as usize)));
+        let limit = Arc::new(AtomicUsize::new(
+            flow.own.map_or(LEGACY_BUFFER, |w| w.initial as usize),
+        ));
         let slot = Slot {
             tx,
             buffered: buffered.clone(),
-            limit: flow.own.map_or(LEGACY_BUFFER, |w| w as usize),
+            limit: limit.clone(),
             credit: credit.clone(),
         };
         if let Some(old) = self.lock().insert(connect_id, slot) {
@@ -185,9 +280,20 @@ impl ConnTable {
             connect_id,
             link,
             rx,
-            buffered,
+            recv: Receive {
+                buffered,
+                limit,
+                tuning: flow.own.map(|w| Tuning {
+                    window: w.initial as usize,
+                    max: w.max as usize,
+                    since: Instant::now(),
+                    consumed: 0,
+                }),
+            },
             credit,
-            send_windows: flow.own.is_some(),
+            max_send: flow
+                .peer
+                .map_or(MAX_CHUNK, |w| (w as usize).clamp(1, MAX_CHUNK)),
             table: self.clone(),
         }
     }
@@ -214,6 +320,14 @@ impl ConnTable {
         }
     }
 
+    /// Bytes delivered to the table's connections and not yet consumed.
+    pub(crate) fn buffered(&self) -> usize {
+        self.lock()
+            .values()
+            .map(|s| s.buffered.load(Ordering::Acquire))
+            .sum()
+    }
+
     /// How many connections the table holds.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
@@ -229,30 +343,34 @@ pub(crate) enum Ended {
 }
 
 /// Sends `data` of connection `connect_id` once the peer's window has room for it (at
-/// once without flow control).
+/// once without flow control), in packets of at most `max_send` bytes
+/// ([`ConnEnd::max_send`]).
 pub(crate) async fn send_data(
     link: &Link,
     credit: Option<&Semaphore>,
+    max_send: usize,
     connect_id: i64,
-    data: Bytes,
+    mut data: Bytes,
 ) -> Result<(), Ended> {
-    if let Some(c) = credit {
-        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        match c.acquire_many(n).await {
-            Ok(p) => p.forget(),
-            Err(_) => return Err(Ended::RemoteClose),
+    while !data.is_empty() {
+        let part = data.split_to(data.len().min(max_send.max(1)));
+        if let Some(c) = credit {
+            let n = u32::try_from(part.len()).unwrap_or(u32::MAX);
+            match c.acquire_many(n).await {
+                Ok(p) => p.forget(),
+                Err(_) => return Err(Ended::RemoteClose),
+            }
+        }
+        let frame = Frame::Data {
+            connect_id,
+            data: part,
+            error: String::new(),
+        };
+        if !link.data(frame).await {
+            return Err(Ended::LinkGone);
         }
     }
-    let frame = Frame::Data {
-        connect_id,
-        data,
-        error: String::new(),
-    };
-    if link.data(frame).await {
-        Ok(())
-    } else {
-        Err(Ended::LinkGone)
-    }
+    Ok(())
 }
 
 /// How long a bulk read may wait holding a pooled chunk before the connection counts as idle.
@@ -269,14 +387,14 @@ where
     S: AsyncRead + AsyncWrite + Send,
 {
     let connect_id = end.connect_id;
-    let send_windows = end.send_windows;
+    let max_send = end.max_send;
     let link = &end.link;
     let rx = &mut end.rx;
-    let buffered = &end.buffered;
+    let recv = &mut end.recv;
     let credit = &end.credit;
     let (mut rd, mut wr) = tokio::io::split(io);
     let up = async {
-        let send = |data: Bytes| send_data(link, credit.as_deref(), connect_id, data);
+        let send = |data: Bytes| send_data(link, credit.as_deref(), max_send, connect_id, data);
         if !first.is_empty() {
             if let Err(e) = send(first.clone()).await {
                 return e;
@@ -335,13 +453,7 @@ where
                     if wr.write_all(&b).await.is_err() {
                         return Ended::LocalError;
                     }
-                    buffered.fetch_sub(len, Ordering::AcqRel);
-                    if send_windows
-                        && !link.control(Frame::Window {
-                            connect_id,
-                            bytes: len as i64,
-                        })
-                    {
+                    if !return_credit(link, connect_id, recv, len) {
                         return Ended::LinkGone;
                     }
                 }
@@ -380,5 +492,92 @@ where
         Ended::LocalEof | Ended::LocalError => {
             link.data(close).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(window: Window) -> Receive {
+        Receive {
+            buffered: Arc::new(AtomicUsize::new(usize::MAX / 2)),
+            limit: Arc::new(AtomicUsize::new(window.initial as usize)),
+            tuning: Some(Tuning {
+                window: window.initial as usize,
+                max: window.max as usize,
+                since: Instant::now(),
+                consumed: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn windows_start_small_and_never_above_the_configured_maximum() {
+        let w = Window::up_to(proto_max());
+        assert_eq!(w.initial, crate::proto::INITIAL_FLOW_WINDOW);
+        assert_eq!(w.max, proto_max());
+        let tiny = Window::up_to(16 << 10);
+        assert_eq!((tiny.initial, tiny.max), (16 << 10, 16 << 10));
+        assert_eq!(
+            Window::up_to(0).initial,
+            1,
+            "a zero window would never send"
+        );
+    }
+
+    fn proto_max() -> u32 {
+        crate::proto::DEFAULT_FLOW_WINDOW
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_that_keeps_up_doubles_the_window_up_to_the_maximum() {
+        let w = Window::up_to(proto_max());
+        let mut r = receive(w);
+        let mut granted = 0;
+        let mut windows = vec![];
+        for _ in 0..40 {
+            // 64 KiB every 2 ms: 32 MB/s, even the largest window drains within 100 ms.
+            tokio::time::advance(Duration::from_millis(2)).await;
+            granted += r.consumed(64 << 10).expect("flow control");
+            windows.push(r.tuning.as_ref().map(|t| t.window).unwrap_or_default());
+        }
+        let last = *windows.last().expect("rounds");
+        assert_eq!(last, w.max as usize);
+        assert!(windows.windows(2).all(|p| p[1] >= p[0]));
+        // Every byte comes back, plus exactly the growth, and the overrun limit follows.
+        let growth = w.max as usize - w.initial as usize;
+        assert_eq!(granted, 40 * (64 << 10) + growth);
+        assert_eq!(r.limit.load(Ordering::Acquire), w.max as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_or_stalled_consumer_keeps_the_starting_window() {
+        let w = Window::up_to(proto_max());
+        let mut r = receive(w);
+        let mut granted = 0;
+        for _ in 0..40 {
+            // 64 KiB every 50 ms: 1.3 MB/s, a window in 200 ms, slower than GROW_WITHIN.
+            tokio::time::advance(Duration::from_millis(50)).await;
+            granted += r.consumed(64 << 10).expect("flow control");
+        }
+        assert_eq!(granted, 40 * (64 << 10), "credit is only what was consumed");
+        assert_eq!(r.limit.load(Ordering::Acquire), w.initial as usize);
+        // A burst after an idle spell does not count the idle time as fast consumption,
+        // and neither does it count against the next window.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        r.consumed(200 << 10);
+        assert_eq!(r.limit.load(Ordering::Acquire), w.initial as usize);
+    }
+
+    #[test]
+    fn without_flow_control_nothing_is_granted() {
+        let mut r = Receive {
+            buffered: Arc::new(AtomicUsize::new(10)),
+            limit: Arc::new(AtomicUsize::new(LEGACY_BUFFER)),
+            tuning: None,
+        };
+        assert_eq!(r.consumed(10), None);
+        assert_eq!(r.buffered.load(Ordering::Acquire), 0);
     }
 }

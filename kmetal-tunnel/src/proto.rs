@@ -29,14 +29,20 @@ pub const AGENT_IDENTIFIERS: &str = "agentidentifiers";
 pub const SERVER_ID: &str = "serverid";
 /// Metadata key: how many server replicas there are (response header).
 pub const SERVER_COUNT: &str = "servercount";
-/// Metadata key (kmetal extension): the sender's per-connection receive window in bytes.
-/// Flow control runs only when both sides sent it; real Konnectivity pieces ignore it.
+/// Metadata key (kmetal extension): the sender's starting per-connection receive window in
+/// bytes. Flow control runs only when both sides sent it; real Konnectivity pieces ignore
+/// it. A receiver grows a connection's window by granting more credit than was consumed.
 pub const FLOW_WINDOW: &str = "kmetal-flow-window";
 
-/// The default [`FLOW_WINDOW`]: one stream at full speed keeps about eight 256 KiB
-/// chunks in flight between the socket reads at either end (measured on loopback, one
-/// stream: 1 MiB 947 MB/s, 2 MiB 1,100 MB/s, 4 MiB 1,027 MB/s).
+/// The default largest per-connection window: one stream at full speed keeps about eight
+/// 256 KiB chunks in flight between the socket reads at either end (measured on loopback,
+/// one stream: 1 MiB 947 MB/s, 2 MiB 1,100 MB/s, 4 MiB 1,027 MB/s).
 pub const DEFAULT_FLOW_WINDOW: u32 = 2 << 20;
+
+/// The window every connection starts with (and advertises in [`FLOW_WINDOW`]), one
+/// [`MAX_CHUNK`]: it grows toward the configured maximum only while its consumer keeps up,
+/// so a stalled connection buffers at most this much.
+pub const INITIAL_FLOW_WINDOW: u32 = MAX_CHUNK as u32;
 
 /// The largest packet either side accepts (a DATA chunk is at most [`MAX_CHUNK`]).
 pub const MAX_PACKET: usize = 4 << 20;

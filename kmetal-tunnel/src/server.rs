@@ -97,9 +97,11 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// Deadline for a TLS handshake or a CONNECT request head.
     pub handshake_timeout: Duration,
-    /// Receive window per connection offered to agents that do flow control: the most a
-    /// stalled connection buffers here, and the bytes one stream keeps in flight (default
-    /// [`crate::proto::DEFAULT_FLOW_WINDOW`]).
+    /// The largest receive window per connection with agents that do flow control: the
+    /// bytes one stream keeps in flight at full speed (default
+    /// [`crate::proto::DEFAULT_FLOW_WINDOW`]). Windows start at
+    /// [`crate::proto::INITIAL_FLOW_WINDOW`] and grow only while the connection's consumer
+    /// keeps up, so a stalled connection buffers the starting window, not this.
     pub flow_window: u32,
     /// The CN an agent's client certificate must carry (`None`: any cert from the CA).
     pub agent_common_name: Option<String>,
@@ -226,6 +228,9 @@ pub struct ServerStats {
     /// Handshakes refused on the agent listener and the mTLS frontend (wrong CA, no cert,
     /// wrong agent CN, timeout).
     pub refused_handshakes: u64,
+    /// Bytes received from agents and not yet written to their frontend connections (with
+    /// flow control, at most each connection's current window).
+    pub buffered: usize,
 }
 
 type DialReply = Result<ConnEnd, String>;
@@ -484,6 +489,7 @@ impl Server {
             dials_ok: self.shared.dials_ok.load(Ordering::Relaxed),
             dials_failed: self.shared.dials_failed.load(Ordering::Relaxed),
             refused_handshakes: self.shared.refused.load(Ordering::Relaxed),
+            buffered: sessions.iter().map(|s| s.conns.buffered()).sum(),
         }
     }
 
@@ -895,8 +901,8 @@ impl AgentEndpoint {
             md.insert(proto::SERVER_ID, v);
         }
         md.insert(proto::SERVER_COUNT, self.shared.config.server_count.into());
-        if flow.own.is_some() {
-            md.insert(proto::FLOW_WINDOW, self.shared.config.flow_window.into());
+        if let Some(window) = flow.own {
+            md.insert(proto::FLOW_WINDOW, window.initial.into());
         }
         Ok(response)
     }
@@ -1008,6 +1014,7 @@ struct FrontendConn {
     session: Arc<Session>,
     agent_connect_id: i64,
     credit: Option<Arc<tokio::sync::Semaphore>>,
+    max_send: usize,
     forwarder: tokio::task::JoinHandle<()>,
 }
 
@@ -1053,6 +1060,7 @@ impl GrpcFrontend {
                 let _ = conn::send_data(
                     &c.session.link,
                     c.credit.as_deref(),
+                    c.max_send,
                     c.agent_connect_id,
                     data,
                 )
@@ -1082,6 +1090,7 @@ impl GrpcFrontend {
                         let id = self.next_id;
                         let agent_connect_id = end.connect_id;
                         let credit = end.credit();
+                        let max_send = end.max_send();
                         let tx = self.tx.clone();
                         let events = events.clone();
                         let forwarder = tokio::spawn(async move {
@@ -1094,6 +1103,7 @@ impl GrpcFrontend {
                                 session,
                                 agent_connect_id,
                                 credit,
+                                max_send,
                                 forwarder,
                             },
                         );

@@ -291,7 +291,8 @@ async fn keepalive_drops_a_dead_agent() {
     t.stop().await;
 }
 
-/// One stream whose reader stalls does not stall another stream through the same agent.
+/// One stream whose reader stalls does not stall another stream through the same agent,
+/// and the server buffers for it about its starting window, not the largest one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_does_not_stall_the_others() {
     let b = bundle("tenant-a");
@@ -316,6 +317,18 @@ async fn a_stalled_stream_does_not_stall_the_others() {
         .expect("dial firehose");
     // Never read `stalled`; give the firehose time to fill every buffer it can.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The client socket absorbs the first window quickly (so it may double once); after
+    // that nothing is consumed and the window stays put.
+    let buffered = t.server.stats().buffered;
+    assert!(
+        buffered > 0,
+        "the stalled stream's data waits at the server"
+    );
+    assert!(
+        buffered <= 2 * kmetal_tunnel::proto::INITIAL_FLOW_WINDOW as usize,
+        "{buffered} bytes buffered for one stalled stream"
+    );
+    assert!(buffered < kmetal_tunnel::proto::DEFAULT_FLOW_WINDOW as usize);
     let backend = echo_backend().await.to_string();
     let mut s = connect_unix(&t, &backend).await.expect("second dial");
     for i in 0..50 {
@@ -472,4 +485,31 @@ async fn stopping_the_grpc_frontend_ends_its_open_streams() {
         .expect("the stream ends");
     assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
     assert!(eventually(Duration::from_secs(10), || server.stats().connections == 0).await);
+}
+
+/// With windows smaller than a read chunk on both sides, data is sent in pieces the window
+/// admits instead of waiting forever for credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_smaller_than_a_chunk_still_carry_bulk_data() {
+    let b = bundle("tenant-a");
+    let mut config = server_config("s0", 1);
+    config.flow_window = 16 << 10;
+    let t = Tunnel::start(&b, config).await;
+    let mut c = kmetal_tunnel::AgentConfig::new(
+        vec![t.agent_addr.to_string()],
+        tls::agent_client(&b).expect("tls"),
+        "node-1",
+    );
+    c.flow_window = 16 << 10;
+    let agent = kmetal_tunnel::Agent::start(c).expect("agent");
+    assert!(agent.wait_connected(1, Duration::from_secs(10)).await);
+    assert!(t.server.agents()[0].flow_control);
+    let backend = echo_backend().await.to_string();
+    let mut s = connect_unix(&t, &backend).await.expect("dial");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+    let got = tokio::time::timeout(Duration::from_secs(30), echo_round(&mut s, &big))
+        .await
+        .expect("no stall on a small window");
+    assert_eq!(got, big);
+    t.stop().await;
 }
