@@ -4,22 +4,26 @@
 //! The stream is framed by [`crate::grpc`], like the agent link: a DATA payload from the
 //! server is handed to `poll_read` as the slice HTTP/2 received, and each `poll_write`
 //! becomes one DATA packet, so a byte crosses the client with one copy each way (the one
-//! into or out of the caller's buffer).
+//! into or out of the caller's buffer). The HTTP/2 connection is hyper's, because it lets
+//! the client accept frames as large as a DATA chunk: with HTTP/2's default 16 KiB frames a
+//! 256 KiB payload arrives in sixteen pieces that must be copied together (one stream's
+//! throughput went from 0.55–0.62x direct TLS to 0.86–0.97x).
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
-use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::grpc::{self, CallError, GrpcError, PacketReader};
+use crate::grpc::{self, GrpcError, PacketReader};
 use crate::proto::{self, Frame, Packet};
 
 /// A dial through the gRPC frontend failed.
@@ -33,11 +37,20 @@ pub enum ClientError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: tonic::transport::Error,
+        source: io::Error,
+    },
+    /// The HTTP/2 handshake on the frontend's socket failed.
+    #[error("HTTP/2 handshake on {path}: {source}")]
+    Handshake {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: hyper::Error,
     },
     /// The connection to the frontend could not carry a new `Proxy` stream.
     #[error("calling Proxy: {0}")]
-    Call(#[source] tonic::transport::Error),
+    Call(#[source] hyper::Error),
     /// The frontend refused the stream.
     #[error("opening a Proxy stream: {0}")]
     Stream(#[source] tonic::Status),
@@ -63,10 +76,12 @@ pub enum ClientError {
     },
 }
 
-/// A client of one server's gRPC frontend.
+/// A client of one server's gRPC frontend: one HTTP/2 connection, opened again on the next
+/// dial after it fails.
 #[derive(Debug, Clone)]
 pub struct ProxyClient {
-    channel: Channel,
+    path: PathBuf,
+    connection: Arc<tokio::sync::Mutex<SendRequest<tonic::body::Body>>>,
 }
 
 /// Packets queued toward the server per dial before `poll_write` waits.
@@ -76,17 +91,20 @@ impl ProxyClient {
     /// Connects to the frontend's unix socket.
     pub async fn connect_unix(path: impl AsRef<Path>) -> Result<ProxyClient, ClientError> {
         let path = path.as_ref().to_path_buf();
-        let p = path.clone();
-        let channel = Endpoint::from_static("http://konnectivity.invalid")
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = p.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-            }))
-            .await
-            .map_err(|source| ClientError::Connect { path, source })?;
-        Ok(ProxyClient { channel })
+        let connection = connect(&path).await?;
+        Ok(ProxyClient {
+            path,
+            connection: Arc::new(tokio::sync::Mutex::new(connection)),
+        })
+    }
+
+    /// The connection, opened again if it has failed.
+    async fn connection(&self) -> Result<SendRequest<tonic::body::Body>, ClientError> {
+        let mut connection = self.connection.lock().await;
+        if connection.is_closed() {
+            *connection = connect(&self.path).await?;
+        }
+        Ok(connection.clone())
     }
 
     /// Dials `address` through the tunnel; the returned stream carries the connection.
@@ -103,14 +121,14 @@ impl ProxyClient {
             "http://konnectivity.invalid/ProxyService/Proxy",
             tokio_stream::wrappers::ReceiverStream::new(rx),
         );
-        let mut channel = self.channel.clone();
-        let response = grpc::call(&mut channel, request)
+        let mut connection = self.connection().await?;
+        connection.ready().await.map_err(ClientError::Call)?;
+        let response = connection
+            .send_request(request)
             .await
-            .map_err(|e| match e {
-                CallError::Transport(e) => ClientError::Call(e),
-                CallError::Refused(status) => ClientError::Stream(status),
-            })?;
-        let mut inbound = PacketReader::new(response.into_body());
+            .map_err(ClientError::Call)?;
+        let response = grpc::accepted(response).map_err(ClientError::Stream)?;
+        let mut inbound = PacketReader::new(tonic::body::Body::new(response.into_body()));
         let connect_id = loop {
             let packet = match inbound.next().await {
                 Ok(Some(p)) => p,
@@ -144,6 +162,33 @@ impl ProxyClient {
             closed: false,
         })
     }
+}
+
+/// Opens an HTTP/2 connection to the frontend at `path`. Frames may be as large as a DATA
+/// chunk, so the server's payloads arrive whole instead of in 16 KiB pieces to reassemble.
+async fn connect(path: &Path) -> Result<SendRequest<tonic::body::Body>, ClientError> {
+    let io = UnixStream::connect(path)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(proto::MAX_CHUNK as u32 + 1024)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| ClientError::Handshake {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "gRPC frontend connection ended");
+        }
+    });
+    Ok(send)
 }
 
 /// One connection dialed through the gRPC frontend, as a byte stream.

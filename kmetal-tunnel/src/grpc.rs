@@ -439,16 +439,21 @@ pub(crate) async fn call(
         .call(request)
         .await
         .map_err(CallError::Transport)?;
+    accepted(response).map_err(CallError::Refused)
+}
+
+/// `response` if its headers say the server accepted the call, else the server's status.
+pub(crate) fn accepted<B>(response: http::Response<B>) -> Result<http::Response<B>, tonic::Status> {
     if response.status() != http::StatusCode::OK {
-        return Err(CallError::Refused(tonic::Status::unavailable(format!(
+        return Err(tonic::Status::unavailable(format!(
             "HTTP status {}",
             response.status()
-        ))));
+        )));
     }
     // A refusal comes as a trailers-only response: the status is in the headers.
     if let Some(status) = tonic::Status::from_header_map(response.headers()) {
         if status.code() != tonic::Code::Ok {
-            return Err(CallError::Refused(status));
+            return Err(status);
         }
     }
     Ok(response)

@@ -513,3 +513,55 @@ async fn windows_smaller_than_a_chunk_still_carry_bulk_data() {
     assert_eq!(got, big);
     t.stop().await;
 }
+
+/// A gRPC frontend client whose frontend went away fails its dials with a typed error (no
+/// hang), and dials through a new connection once a frontend listens on the socket again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_client_reconnects_after_the_frontend_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("grpc.sock");
+    let server = kmetal_tunnel::Server::new(server_config("s0", 1));
+    let serve = |server: kmetal_tunnel::Server| {
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = server
+                .serve_proxy_grpc(l, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        (stop, task)
+    };
+    // No agent is connected, so a dial that reaches the frontend is answered "no agent".
+    let reached = |r: Result<kmetal_tunnel::ProxyStream, kmetal_tunnel::ClientError>| {
+        matches!(r, Err(kmetal_tunnel::ClientError::Dial { .. }))
+    };
+
+    let (stop, task) = serve(server.clone());
+    let grpc = ProxyClient::connect_unix(&path).await.expect("connect");
+    assert!(reached(grpc.dial("10.0.0.1:80").await));
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the frontend stops")
+        .expect("join");
+    let _ = std::fs::remove_file(&path);
+    let gone = tokio::time::timeout(Duration::from_secs(5), grpc.dial("10.0.0.1:80"))
+        .await
+        .expect("a dial to a gone frontend fails in time");
+    assert!(
+        matches!(
+            gone,
+            Err(kmetal_tunnel::ClientError::Connect { .. } | kmetal_tunnel::ClientError::Call(_))
+        ),
+        "{gone:?}"
+    );
+
+    let (stop, task) = serve(server.clone());
+    assert!(reached(grpc.dial("10.0.0.1:80").await));
+    let _ = stop.send(());
+    let _ = task.await;
+}
