@@ -2,7 +2,8 @@
 //! - one stream's bulk throughput through the tunnel (unix CONNECT frontend → server → mTLS
 //!   gRPC link → agent → backend) vs one direct TLS stream over loopback — target ≥ 0.8×;
 //!   the same through the mTLS CONNECT frontend and the gRPC `ProxyService` frontend (our
-//!   `ProxyClient` on the unix socket) for comparison;
+//!   `ProxyClient` on the unix socket) for comparison, and uploads (client → backend)
+//!   through the unix CONNECT and gRPC frontends vs a direct TLS upload;
 //! - request/response latency added by the tunnel over a direct TCP round trip — target
 //!   p50 ≤ 150 µs;
 //! - 1,000 concurrent streams through one agent, vs 1,000 direct connections;
@@ -146,14 +147,56 @@ async fn via_mtls(s: &Setup, target: &str) -> tokio_rustls::client::TlsStream<Tc
 
 /// A backend that writes `total` bytes to each connection, then closes it.
 async fn source(total: usize) -> SocketAddr {
+    serve(move |mut s| async move { write_total(&mut s, total).await }).await
+}
+
+/// A backend that reads `total` bytes from each connection, then answers one byte.
+async fn sink(total: usize) -> SocketAddr {
+    serve(move |mut s| async move { read_total(&mut s, total).await }).await
+}
+
+/// A loopback TCP server running `f` on each connection.
+async fn serve<F, Fut>(f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move { write_total(&mut s, total).await });
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(f(s));
         }
     });
     addr
+}
+
+async fn read_total<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, total: usize) {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut left = total;
+    while left > 0 {
+        match s.read(&mut buf[..left.min(256 << 10)]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left -= n,
+        }
+    }
+    let _ = s.write_all(b"!").await;
+    let _ = s.flush().await;
+}
+
+/// Writes `total` bytes to `s` and waits for the sink's answer; the bytes written.
+async fn upload<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, total: usize) -> usize {
+    let chunk = vec![0xa5; 256 << 10];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await.unwrap();
+        left -= n;
+    }
+    s.flush().await.unwrap();
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).await.unwrap();
+    total
 }
 
 async fn write_total<S: AsyncWrite + Unpin>(s: &mut S, total: usize) {
@@ -171,20 +214,34 @@ async fn write_total<S: AsyncWrite + Unpin>(s: &mut S, total: usize) {
 
 /// The peer: a direct TLS server with the same certificate profile writing `total` bytes.
 async fn tls_source(bundle: &Bundle, total: usize) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    tls_serve(bundle, move |mut s| async move {
+        write_total(&mut s, total).await
+    })
+    .await
+}
+
+/// The peer for uploads: a direct TLS server reading `total` bytes, then answering one.
+async fn tls_sink(bundle: &Bundle, total: usize) -> SocketAddr {
+    tls_serve(bundle, move |mut s| async move {
+        read_total(&mut s, total).await
+    })
+    .await
+}
+
+async fn tls_serve<F, Fut>(bundle: &Bundle, f: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::connect_listener(bundle).unwrap());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tcp.set_nodelay(true).unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let mut s = acceptor.accept(tcp).await.unwrap();
-                write_total(&mut s, total).await;
-            });
-        }
-    });
-    addr
+    let f = Arc::new(f);
+    serve(move |tcp| {
+        tcp.set_nodelay(true).unwrap();
+        let acceptor = acceptor.clone();
+        let f = f.clone();
+        async move { f(acceptor.accept(tcp).await.unwrap()).await }
+    })
+    .await
 }
 
 async fn drain<S: AsyncRead + Unpin>(mut s: S) -> usize {
@@ -385,6 +442,29 @@ fn main() {
         println!("  tunnel (unix CONNECT frontend)    {u:8.0} MB/s   ratio {ratio_u:.2}x  (target >= 0.8x)");
         println!("  tunnel (mTLS CONNECT frontend)    {m:8.0} MB/s   ratio {ratio_m:.2}x");
         println!("  tunnel (gRPC frontend)            {g:8.0} MB/s   ratio {ratio_g:.2}x");
+
+        // Uploads (kubectl cp into a pod, port-forward sends): server to agent, the other
+        // direction of the link.
+        let plain_sink = sink(total).await.to_string();
+        let direct_sink = tls_sink(&s.bundle, total).await;
+        let (mut du, mut uu, mut gu) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let t = Instant::now();
+            upload(direct(&s, direct_sink).await, total).await;
+            du.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+            let t = Instant::now();
+            upload(via_uds(&s, &plain_sink).await, total).await;
+            uu.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+            let t = Instant::now();
+            upload(s.grpc.dial(&plain_sink).await.unwrap(), total).await;
+            gu.push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+        }
+        let ratio_uu = median(uu.iter().zip(&du).map(|(u, d)| u / d).collect());
+        let ratio_gu = median(gu.iter().zip(&du).map(|(g, d)| g / d).collect());
+        println!("upload, one stream, {} MiB, median of {rounds} paired rounds:", total >> 20);
+        println!("  direct TLS                        {:8.0} MB/s", median(du));
+        println!("  tunnel (unix CONNECT frontend)    {:8.0} MB/s   ratio {ratio_uu:.2}x", median(uu));
+        println!("  tunnel (gRPC frontend)            {:8.0} MB/s   ratio {ratio_gu:.2}x", median(gu));
 
         // The same against `examples/tunnel` server and agent as separate processes, in rounds
         // of their own: with those processes present the direct peer itself runs slower here.

@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Endpoint, Uri};
 
 use crate::conn::{self, ConnTable, Flow, Role};
 use crate::grpc;
@@ -92,14 +91,23 @@ pub enum AgentError {
     /// The TLS server name is not a valid DNS name or IP address.
     #[error("invalid server name {0:?}")]
     ServerName(String),
-    /// The gRPC connection (TCP, TLS, HTTP/2) failed.
+    /// The TCP connection or the TLS handshake failed.
     #[error("connecting to {server}: {source}")]
     Connect {
         /// The server address.
         server: String,
         /// Why.
         #[source]
-        source: tonic::transport::Error,
+        source: std::io::Error,
+    },
+    /// The HTTP/2 connection failed (handshake, or carrying the Connect call).
+    #[error("HTTP/2 with {server}: {source}")]
+    Http {
+        /// The server address.
+        server: String,
+        /// Why.
+        #[source]
+        source: hyper::Error,
     },
     /// The server refused or failed the Connect stream.
     #[error("opening the Connect stream on {server}: {source}")]
@@ -329,35 +337,35 @@ async fn connect_once(
         h.trim_start_matches('[').trim_end_matches(']').to_string()
     });
     let name = ServerName::try_from(host.clone()).map_err(|_| AgentError::ServerName(host))?;
-    let connector = {
-        let addr = addr.to_string();
-        let tls = tokio_rustls::TlsConnector::from(c.tls.clone());
-        tower::service_fn(move |_: Uri| {
-            let addr = addr.clone();
-            let tls = tls.clone();
-            let name = name.clone();
-            async move {
-                let tcp = TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let stream = tls.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        })
-    };
+    let tls = tokio_rustls::TlsConnector::from(c.tls.clone());
     let failed = |source| AgentError::Connect {
         server: addr.into(),
         source,
     };
+    let http = |source| AgentError::Http {
+        server: addr.into(),
+        source,
+    };
     let connect = async {
-        let mut channel = Endpoint::from_static("http://konnectivity.invalid")
-            .http2_keep_alive_interval(c.keepalive_interval)
+        let tcp = TcpStream::connect(addr).await.map_err(failed)?;
+        tcp.set_nodelay(true).map_err(failed)?;
+        let stream = tls.connect(name, tcp).await.map_err(failed)?;
+        // hyper's HTTP/2 rather than tonic's Channel: it lets the server send frames as large
+        // as a DATA chunk, so uploads arrive whole instead of in 16 KiB pieces to reassemble.
+        let (mut send, connection) = grpc::client_builder()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(c.keepalive_interval)
             .keep_alive_timeout(c.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20))
-            .connect_with_connector(connector)
+            .handshake(TokioIo::new(stream))
             .await
-            .map_err(failed)?;
+            .map_err(http)?;
+        // Dropped (timeout, refusal, session end): the connection goes with it.
+        let driver = AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection to the proxy server ended");
+            }
+        }));
         let (link, outbound) = Link::new();
         let mut request =
             grpc::request("http://konnectivity.invalid/AgentService/Connect", outbound);
@@ -372,18 +380,17 @@ async fn connect_once(
             proto::FLOW_WINDOW,
             conn::Window::up_to(c.flow_window).initial.into(),
         );
-        let response = grpc::call(&mut channel, request)
-            .await
-            .map_err(|e| match e {
-                grpc::CallError::Transport(e) => failed(e),
-                grpc::CallError::Refused(source) => AgentError::Stream {
-                    server: addr.into(),
-                    source,
-                },
-            })?;
-        Ok::<_, AgentError>((channel, link, response))
+        let call = async {
+            send.ready().await.map_err(http)?;
+            let response = send.send_request(request).await.map_err(http)?;
+            grpc::accepted(response).map_err(|source| AgentError::Stream {
+                server: addr.into(),
+                source,
+            })
+        };
+        Ok::<_, AgentError>((driver, link, call.await?))
     };
-    let (client, link, response) = tokio::time::timeout(c.connect_timeout, connect)
+    let (driver, link, response) = tokio::time::timeout(c.connect_timeout, connect)
         .await
         .map_err(|_| AgentError::Timeout {
             server: addr.into(),
@@ -419,7 +426,7 @@ async fn connect_once(
     }
     shared.changed.send_replace(());
     let shared = shared.clone();
-    let inbound = grpc::PacketReader::new(response.into_body());
+    let inbound = grpc::PacketReader::new(tonic::body::Body::new(response.into_body()));
     tokio::spawn(async move {
         serve_session(&shared, inbound, link, flow).await;
         let removed = shared.sessions().remove(&server_id);
@@ -427,10 +434,19 @@ async fn connect_once(
             tracing::info!(server_id = %s.server_id, "disconnected from proxy server");
         }
         shared.changed.send_replace(());
-        drop(client);
+        drop(driver);
         let _ = ended.send(());
     });
     Ok(Connected::New)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn serve_session(

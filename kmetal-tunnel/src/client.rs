@@ -17,7 +17,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -173,10 +173,7 @@ async fn connect(path: &Path) -> Result<SendRequest<tonic::body::Body>, ClientEr
             path: path.to_path_buf(),
             source,
         })?;
-    let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
-        .max_frame_size(proto::MAX_CHUNK as u32 + 1024)
+    let (send, connection) = grpc::client_builder()
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| ClientError::Handshake {

@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
+use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use tokio_stream::Stream;
@@ -416,30 +417,19 @@ impl PacketReader {
     }
 }
 
-/// Why a streaming call was not accepted.
-#[derive(Debug)]
-pub(crate) enum CallError {
-    /// The channel could not carry the request (connection refused, reset, timed out).
-    Transport(tonic::transport::Error),
-    /// The server answered with a non-OK HTTP or gRPC status.
-    Refused(tonic::Status),
-}
+/// The largest HTTP/2 frame our peers may send: a whole DATA chunk and its message header,
+/// so a payload arrives in one frame instead of 16 KiB pieces the decoder must copy together.
+pub(crate) const MAX_FRAME: u32 = crate::proto::MAX_CHUNK as u32 + 1024;
 
-/// Sends a streaming `request` on `channel` and waits for the response headers: the
-/// response when the server accepted the call.
-pub(crate) async fn call(
-    channel: &mut tonic::transport::Channel,
-    request: http::Request<tonic::body::Body>,
-) -> Result<http::Response<tonic::body::Body>, CallError> {
-    use tower::{Service, ServiceExt};
-    let response = channel
-        .ready()
-        .await
-        .map_err(CallError::Transport)?
-        .call(request)
-        .await
-        .map_err(CallError::Transport)?;
-    accepted(response).map_err(CallError::Refused)
+/// The HTTP/2 client settings of the agent link and the gRPC frontend client: windows as
+/// large as the servers', and [`MAX_FRAME`] (tonic's Channel cannot set the frame size).
+pub(crate) fn client_builder() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(MAX_FRAME);
+    builder
 }
 
 /// `response` if its headers say the server accepted the call, else the server's status.

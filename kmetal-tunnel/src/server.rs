@@ -597,7 +597,7 @@ impl Server {
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
             // Agents may send DATA frames as large as our chunks instead of 16 KiB pieces.
-            .max_frame_size(Some(proto::MAX_CHUNK as u32 + 1024))
+            .max_frame_size(Some(grpc::MAX_FRAME))
             .add_service(AgentEndpoint {
                 shared: self.shared.clone(),
             })
@@ -626,7 +626,7 @@ impl Server {
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
-            .max_frame_size(Some(proto::MAX_CHUNK as u32 + 1024))
+            .max_frame_size(Some(grpc::MAX_FRAME))
             .add_service(ProxyEndpoint {
                 shared: self.shared.clone(),
                 stopped,
