@@ -244,6 +244,10 @@ struct Session {
     draining: AtomicBool,
     conns: Arc<ConnTable>,
     dials: Mutex<HashMap<i64, oneshot::Sender<DialReply>>>,
+    /// Cancelled when the session is unregistered: its reader stops and drops the request
+    /// body, so the agent's stream ends on both sides (and a graceful shutdown finishes)
+    /// even if the agent keeps its side open.
+    ended: tokio_util::sync::CancellationToken,
 }
 
 impl Session {
@@ -350,6 +354,7 @@ impl Shared {
         session.dials().clear();
         session.conns.close_all();
         session.link.end();
+        session.ended.cancel();
     }
 
     /// Handles one packet from an agent.
@@ -598,9 +603,9 @@ impl Server {
             .initial_connection_window_size(Some(8 << 20))
             // Agents may send DATA frames as large as our chunks instead of 16 KiB pieces.
             .max_frame_size(Some(grpc::MAX_FRAME))
-            .add_service(AgentEndpoint {
+            .add_service(Endpoint(AgentEndpoint {
                 shared: self.shared.clone(),
-            })
+            }))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
             .await
             .map_err(ServerError::Grpc);
@@ -627,10 +632,10 @@ impl Server {
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
             .max_frame_size(Some(grpc::MAX_FRAME))
-            .add_service(ProxyEndpoint {
+            .add_service(Endpoint(ProxyEndpoint {
                 shared: self.shared.clone(),
                 stopped,
-            })
+            }))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 shutdown,
@@ -795,14 +800,41 @@ struct AgentEndpoint {
     shared: Arc<Shared>,
 }
 
-impl tonic::server::NamedService for AgentEndpoint {
-    const NAME: &'static str = "AgentService";
-}
-
 /// The one method of `AgentService`.
 const AGENT_CONNECT_PATH: &str = "/AgentService/Connect";
 
-impl tower::Service<http::Request<tonic::body::Body>> for AgentEndpoint {
+impl Method for AgentEndpoint {
+    const SERVICE: &'static str = "AgentService";
+
+    fn answer(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status> {
+        self.connect(request)
+    }
+}
+
+/// A gRPC service with one streaming method, answered as plain HTTP so [`crate::grpc`]
+/// frames its messages; [`Endpoint`] makes it a service tonic's server can route to.
+trait Method: Clone + Send + 'static {
+    /// The service name (the first path segment).
+    const SERVICE: &'static str;
+
+    /// The response to a call, or the status that refuses it.
+    fn answer(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status>;
+}
+
+#[derive(Clone)]
+struct Endpoint<M>(M);
+
+impl<M: Method> tonic::server::NamedService for Endpoint<M> {
+    const NAME: &'static str = M::SERVICE;
+}
+
+impl<M: Method> tower::Service<http::Request<tonic::body::Body>> for Endpoint<M> {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
     type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
@@ -815,7 +847,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for AgentEndpoint {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        std::future::ready(Ok(self.connect(request).unwrap_or_else(Status::into_http)))
+        std::future::ready(Ok(self.0.answer(request).unwrap_or_else(Status::into_http)))
     }
 }
 
@@ -871,6 +903,7 @@ impl AgentEndpoint {
             draining: AtomicBool::new(false),
             conns: ConnTable::new(self.shared.open.clone()),
             dials: Mutex::default(),
+            ended: tokio_util::sync::CancellationToken::new(),
         });
         tracing::info!(agent = %id, ?cn, flow_control = flow.peer.is_some(), "agent connected");
         self.shared.register(session.clone());
@@ -878,7 +911,11 @@ impl AgentEndpoint {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.next().await {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    _ = session.ended.cancelled() => break,
+                };
+                match next {
                     Ok(Some(packet)) => match Frame::try_from(packet) {
                         Ok(frame) => shared.on_agent_frame(&session, frame),
                         Err(e) => {
@@ -918,10 +955,6 @@ struct ProxyEndpoint {
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
-impl tonic::server::NamedService for ProxyEndpoint {
-    const NAME: &'static str = "ProxyService";
-}
-
 /// The one method of `ProxyService`.
 const PROXY_PATH: &str = "/ProxyService/Proxy";
 
@@ -929,20 +962,14 @@ const PROXY_PATH: &str = "/ProxyService/Proxy";
 /// control then pushes back per stream).
 const FRONTEND_QUEUE: usize = 64;
 
-impl tower::Service<http::Request<tonic::body::Body>> for ProxyEndpoint {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+impl Method for ProxyEndpoint {
+    const SERVICE: &'static str = "ProxyService";
 
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        std::future::ready(Ok(self.proxy(request).unwrap_or_else(Status::into_http)))
+    fn answer(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status> {
+        self.proxy(request)
     }
 }
 

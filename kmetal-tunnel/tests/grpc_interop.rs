@@ -58,6 +58,18 @@ async fn collect(stream: &mut Streaming<Packet>, connect_id: i64, len: usize) ->
     got
 }
 
+/// The connect id of a successful DIAL_RSP to dial `random`.
+async fn dialed(stream: &mut Streaming<Packet>, random: i64) -> i64 {
+    match next(stream).await {
+        Frame::DialResponse {
+            random: r,
+            connect_id,
+            error,
+        } if r == random && error.is_empty() => connect_id,
+        other => panic!("expected a good DIAL_RSP to {random}, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tonic_agent_client_talks_to_our_server() {
     let bundle = common::bundle("interop");
@@ -144,8 +156,11 @@ async fn tonic_agent_client_talks_to_our_server() {
         Frame::CloseRequest { connect_id: 7 }
     );
 
-    // Shutdown ends the stream with grpc-status 0 trailers: a clean end for tonic.
-    tunnel.stop().await;
+    // Shutdown ends the stream with grpc-status 0 trailers: a clean end for tonic. It does
+    // not wait for the agent to end its side (this one never would: `to_server` is alive).
+    tokio::time::timeout(Duration::from_secs(5), tunnel.stop())
+        .await
+        .expect("the agent listener stops with an agent's request side still open");
     let end = tokio::time::timeout(DEADLINE, from_server.message())
         .await
         .expect("in time");
@@ -170,48 +185,43 @@ async fn tonic_proxy_client_talks_to_our_grpc_frontend() {
         }))
         .await
         .expect("channel");
-    let mut client = ProxyServiceClient::new(channel).max_decoding_message_size(proto::MAX_PACKET);
+    let client = ProxyServiceClient::new(channel).max_decoding_message_size(proto::MAX_PACKET);
+
+    // One Proxy call per dial, as konnectivity-client makes them.
+    let call = |address: String, random| {
+        let mut client = client.clone();
+        async move {
+            let (to_server, rx) = mpsc::channel::<Packet>(16);
+            let dial = Frame::DialRequest {
+                protocol: "tcp".into(),
+                address,
+                random,
+            };
+            to_server.send(dial.into()).await.expect("send");
+            let from_server = client
+                .proxy(ReceiverStream::new(rx))
+                .await
+                .expect("proxy")
+                .into_inner();
+            (to_server, from_server)
+        }
+    };
 
     // A dial that cannot succeed is answered with an error, not a hang.
-    let (to_server, rx) = mpsc::channel::<Packet>(16);
     let dead = {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let dial = |address: String, random| Frame::DialRequest {
-        protocol: "tcp".into(),
-        address,
-        random,
-    };
-    to_server.send(dial(dead, 9).into()).await.expect("send");
-    let mut from_server = client
-        .proxy(ReceiverStream::new(rx))
-        .await
-        .expect("proxy")
-        .into_inner();
+    let (_to_server, mut from_server) = call(dead, 9).await;
     match next(&mut from_server).await {
         Frame::DialResponse {
             random: 9, error, ..
         } => assert!(!error.is_empty(), "a refused dial carries its error"),
         other => panic!("expected DIAL_RSP, got {other:?}"),
     }
-    drop(to_server);
 
-    let (to_server, rx) = mpsc::channel::<Packet>(16);
-    to_server.send(dial(backend, 5).into()).await.expect("send");
-    let mut from_server = client
-        .proxy(ReceiverStream::new(rx))
-        .await
-        .expect("proxy")
-        .into_inner();
-    let connect_id = match next(&mut from_server).await {
-        Frame::DialResponse {
-            random: 5,
-            connect_id,
-            error,
-        } if error.is_empty() => connect_id,
-        other => panic!("expected a good DIAL_RSP, got {other:?}"),
-    };
+    let (to_server, mut from_server) = call(backend, 5).await;
+    let connect_id = dialed(&mut from_server, 5).await;
     // tonic's encoding of a big message, read by our decoder; the echo comes back in our
     // split encoding, read by tonic's decoder.
     let up = pattern(500_000, 4);
@@ -279,14 +289,7 @@ impl AgentService for TonicServer {
                 random: 42,
             })
             .await;
-            let connect_id = match next(&mut from_agent).await {
-                Frame::DialResponse {
-                    random: 42,
-                    connect_id,
-                    error,
-                } if error.is_empty() => connect_id,
-                other => panic!("expected a good DIAL_RSP, got {other:?}"),
-            };
+            let connect_id = dialed(&mut from_agent, 42).await;
             let up = pattern(700_000, 3);
             // tonic's encoding of big messages, read by our agent; the backend echoes them
             // and our agent's split encoding comes back through tonic's decoder.
