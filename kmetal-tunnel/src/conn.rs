@@ -198,20 +198,16 @@ fn return_credit(link: &Link, connect_id: i64, recv: &mut Receive, len: usize) -
 #[derive(Debug)]
 pub(crate) struct ConnEnd {
     pub connect_id: i64,
-    link: Link,
     rx: mpsc::UnboundedReceiver<Inbound>,
     recv: Receive,
-    credit: Option<Arc<Semaphore>>,
-    /// The largest DATA payload the peer's starting window admits (a larger one would wait
-    /// for credit that never comes).
-    max_send: usize,
+    send: Sender,
     table: Arc<ConnTable>,
 }
 
 impl ConnEnd {
-    /// The send credit toward the peer (`None` without flow control).
-    pub(crate) fn credit(&self) -> Option<Arc<Semaphore>> {
-        self.credit.clone()
+    /// What sends this connection's bytes toward the peer.
+    pub(crate) fn sender(&self) -> Sender {
+        self.send.clone()
     }
 
     /// The next message for the local side.
@@ -221,12 +217,61 @@ impl ConnEnd {
 
     /// `len` bytes were handed to the local side: return the credit to the peer.
     pub(crate) fn consumed(&mut self, len: usize) {
-        return_credit(&self.link, self.connect_id, &mut self.recv, len);
+        return_credit(&self.send.link, self.connect_id, &mut self.recv, len);
+    }
+}
+
+/// The sending side of one connection: its link, its id on that link, and the peer's
+/// credit.
+#[derive(Debug, Clone)]
+pub(crate) struct Sender {
+    link: Link,
+    connect_id: i64,
+    /// `None` without flow control.
+    credit: Option<Arc<Semaphore>>,
+    /// The largest DATA payload the peer's starting window admits (a larger one would wait
+    /// for credit that never comes).
+    max_send: usize,
+}
+
+impl Sender {
+    /// Sends `data` once the peer's window has room for it (at once without flow control),
+    /// in packets of at most the peer's starting window.
+    pub(crate) async fn data(&self, mut data: Bytes) -> Result<(), Ended> {
+        while !data.is_empty() {
+            let part = data.split_to(data.len().min(self.max_send.max(1)));
+            if let Some(c) = &self.credit {
+                let n = u32::try_from(part.len()).unwrap_or(u32::MAX);
+                match c.acquire_many(n).await {
+                    Ok(p) => p.forget(),
+                    Err(_) => return Err(Ended::RemoteClose),
+                }
+            }
+            let frame = Frame::Data {
+                connect_id: self.connect_id,
+                data: part,
+                error: String::new(),
+            };
+            if !self.link.data(frame).await {
+                return Err(Ended::LinkGone);
+            }
+        }
+        Ok(())
     }
 
-    /// The largest DATA payload to send at once (see [`send_data`]).
-    pub(crate) fn max_send(&self) -> usize {
-        self.max_send
+    /// Asks the peer to close the connection, after the bytes already queued.
+    pub(crate) async fn close(&self) {
+        let close = Frame::CloseRequest {
+            connect_id: self.connect_id,
+        };
+        self.link.data(close).await;
+    }
+
+    /// Asks the peer to close the connection at once, ahead of queued bytes.
+    pub(crate) fn close_now(&self) {
+        self.link.control(Frame::CloseRequest {
+            connect_id: self.connect_id,
+        });
     }
 }
 
@@ -278,7 +323,6 @@ impl ConnTable {
         }
         ConnEnd {
             connect_id,
-            link,
             rx,
             recv: Receive {
                 buffered,
@@ -290,10 +334,14 @@ impl ConnTable {
                     consumed: 0,
                 }),
             },
-            credit,
-            max_send: flow
-                .peer
-                .map_or(MAX_CHUNK, |w| (w as usize).clamp(1, MAX_CHUNK)),
+            send: Sender {
+                link,
+                connect_id,
+                credit,
+                max_send: flow
+                    .peer
+                    .map_or(MAX_CHUNK, |w| (w as usize).clamp(1, MAX_CHUNK)),
+            },
             table: self.clone(),
         }
     }
@@ -342,37 +390,6 @@ pub(crate) enum Ended {
     LinkGone,
 }
 
-/// Sends `data` of connection `connect_id` once the peer's window has room for it (at
-/// once without flow control), in packets of at most `max_send` bytes
-/// ([`ConnEnd::max_send`]).
-pub(crate) async fn send_data(
-    link: &Link,
-    credit: Option<&Semaphore>,
-    max_send: usize,
-    connect_id: i64,
-    mut data: Bytes,
-) -> Result<(), Ended> {
-    while !data.is_empty() {
-        let part = data.split_to(data.len().min(max_send.max(1)));
-        if let Some(c) = credit {
-            let n = u32::try_from(part.len()).unwrap_or(u32::MAX);
-            match c.acquire_many(n).await {
-                Ok(p) => p.forget(),
-                Err(_) => return Err(Ended::RemoteClose),
-            }
-        }
-        let frame = Frame::Data {
-            connect_id,
-            data: part,
-            error: String::new(),
-        };
-        if !link.data(frame).await {
-            return Err(Ended::LinkGone);
-        }
-    }
-    Ok(())
-}
-
 /// How long a bulk read may wait holding a pooled chunk before the connection counts as idle.
 const BULK_IDLE: Duration = Duration::from_secs(1);
 
@@ -387,14 +404,13 @@ where
     S: AsyncRead + AsyncWrite + Send,
 {
     let connect_id = end.connect_id;
-    let max_send = end.max_send;
-    let link = &end.link;
+    let sender = &end.send;
+    let link = &sender.link;
     let rx = &mut end.rx;
     let recv = &mut end.recv;
-    let credit = &end.credit;
     let (mut rd, mut wr) = tokio::io::split(io);
     let up = async {
-        let send = |data: Bytes| send_data(link, credit.as_deref(), max_send, connect_id, data);
+        let send = |data: Bytes| sender.data(data);
         if !first.is_empty() {
             if let Err(e) = send(first.clone()).await {
                 return e;

@@ -287,7 +287,7 @@ impl Shared {
         None
     }
 
-    async fn dial(&self, address: &str) -> Result<(Arc<Session>, ConnEnd), DialError> {
+    async fn dial(&self, address: &str) -> Result<ConnEnd, DialError> {
         let result = self.dial_inner(address).await;
         match &result {
             Ok(_) => self.dials_ok.fetch_add(1, Ordering::Relaxed),
@@ -296,7 +296,7 @@ impl Shared {
         result
     }
 
-    async fn dial_inner(&self, address: &str) -> Result<(Arc<Session>, ConnEnd), DialError> {
+    async fn dial_inner(&self, address: &str) -> Result<ConnEnd, DialError> {
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         let Some(session) = self.pick(host) else {
             let sessions = self.sessions();
@@ -326,7 +326,7 @@ impl Shared {
             return Err(gone());
         }
         match tokio::time::timeout(self.config.dial_timeout, rx).await {
-            Ok(Ok(Ok(end))) => Ok((session, end)),
+            Ok(Ok(Ok(end))) => Ok(end),
             Ok(Ok(Err(message))) => Err(DialError::Refused {
                 address: address.into(),
                 agent: session.id.clone(),
@@ -516,7 +516,7 @@ impl Server {
     /// Dials `address` (`host:port`) through an agent, from inside this process. The
     /// returned stream carries the connection; dropping it closes the connection.
     pub async fn dial(&self, address: &str) -> Result<tokio::io::DuplexStream, DialError> {
-        let (_, end) = self.shared.dial(address).await?;
+        let end = self.shared.dial(address).await?;
         let (ours, theirs) = tokio::io::duplex(proto::MAX_CHUNK * 2);
         tokio::spawn(conn::pump(ours, Bytes::new(), end, Role::Dialer));
         Ok(theirs)
@@ -623,10 +623,12 @@ impl Server {
         // A Proxy stream lives as long as kube-apiserver keeps it, so tonic's graceful
         // shutdown would wait for them forever: shutdown ends them (closing their
         // connections) with a clean grpc-status.
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stopped = tokio_util::sync::CancellationToken::new();
+        // Cancels when `shutdown` completes, and when the server ends without it.
+        let guard = stopped.clone().drop_guard();
         let shutdown = async move {
             shutdown.await;
-            let _ = stop.send(true);
+            drop(guard);
         };
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(4 << 20))
@@ -715,7 +717,7 @@ where
         Err(_) => return,
     };
     match shared.dial(&request.address).await {
-        Ok((_, end)) => {
+        Ok(end) => {
             if stream.write_all(connect::ESTABLISHED).await.is_err() {
                 return;
             }
@@ -951,8 +953,8 @@ impl AgentEndpoint {
 #[derive(Clone)]
 struct ProxyEndpoint {
     shared: Arc<Shared>,
-    /// Turns true when the frontend shuts down.
-    stopped: tokio::sync::watch::Receiver<bool>,
+    /// Cancelled when the frontend shuts down.
+    stopped: tokio_util::sync::CancellationToken,
 }
 
 /// The one method of `ProxyService`.
@@ -981,15 +983,7 @@ impl ProxyEndpoint {
         check_call(&request, PROXY_PATH)?;
         let (tx, rx) = mpsc::channel::<Packet>(FRONTEND_QUEUE);
         let shared = self.shared.clone();
-        let mut stopped = self.stopped.clone();
-        let stopped = async move {
-            // Also over when the sender is gone, that is when the server has ended.
-            while !*stopped.borrow_and_update() {
-                if stopped.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
+        let stopped = self.stopped.clone();
         let mut inbound = grpc::PacketReader::new(request.into_body());
         tokio::spawn(async move {
             let mut frontend = GrpcFrontend {
@@ -1000,7 +994,6 @@ impl ProxyEndpoint {
                 next_id: 0,
             };
             let (done_tx, mut done_rx) = mpsc::unbounded_channel::<GrpcEvent>();
-            let mut stopped = std::pin::pin!(stopped);
             loop {
                 tokio::select! {
                     msg = inbound.next() => match msg {
@@ -1015,7 +1008,7 @@ impl ProxyEndpoint {
                         }
                     },
                     Some(ev) = done_rx.recv() => frontend.on_event(ev, &done_tx).await,
-                    _ = &mut stopped => break,
+                    _ = stopped.cancelled() => break,
                 }
             }
             frontend.close_all().await;
@@ -1030,7 +1023,7 @@ impl ProxyEndpoint {
 enum GrpcEvent {
     Dialed {
         random: i64,
-        result: Result<(Arc<Session>, ConnEnd), DialError>,
+        result: Result<ConnEnd, DialError>,
     },
     Closed {
         id: i64,
@@ -1038,10 +1031,8 @@ enum GrpcEvent {
 }
 
 struct FrontendConn {
-    session: Arc<Session>,
-    agent_connect_id: i64,
-    credit: Option<Arc<tokio::sync::Semaphore>>,
-    max_send: usize,
+    /// Toward the agent, under the agent's connect id.
+    sender: conn::Sender,
     forwarder: tokio::task::JoinHandle<()>,
 }
 
@@ -1084,23 +1075,11 @@ impl GrpcFrontend {
                 };
                 // A closed connection or a gone agent ends this connection only; the
                 // frontend learns of it from the close that follows.
-                let _ = conn::send_data(
-                    &c.session.link,
-                    c.credit.as_deref(),
-                    c.max_send,
-                    c.agent_connect_id,
-                    data,
-                )
-                .await;
+                let _ = c.sender.data(data).await;
             }
             Frame::CloseRequest { connect_id } => {
                 if let Some(c) = self.conns.get(&connect_id) {
-                    c.session
-                        .link
-                        .data(Frame::CloseRequest {
-                            connect_id: c.agent_connect_id,
-                        })
-                        .await;
+                    c.sender.close().await;
                 }
             }
             other => tracing::debug!(?other, "unexpected packet from a frontend; ignored"),
@@ -1112,28 +1091,17 @@ impl GrpcFrontend {
             GrpcEvent::Dialed { random, result } => {
                 self.dials.remove(&random);
                 match result {
-                    Ok((session, end)) => {
+                    Ok(end) => {
                         self.next_id += 1;
                         let id = self.next_id;
-                        let agent_connect_id = end.connect_id;
-                        let credit = end.credit();
-                        let max_send = end.max_send();
+                        let sender = end.sender();
                         let tx = self.tx.clone();
                         let events = events.clone();
                         let forwarder = tokio::spawn(async move {
                             forward_to_frontend(end, id, tx).await;
                             let _ = events.send(GrpcEvent::Closed { id });
                         });
-                        self.conns.insert(
-                            id,
-                            FrontendConn {
-                                session,
-                                agent_connect_id,
-                                credit,
-                                max_send,
-                                forwarder,
-                            },
-                        );
+                        self.conns.insert(id, FrontendConn { sender, forwarder });
                         self.send(Frame::DialResponse {
                             random,
                             connect_id: id,
@@ -1163,9 +1131,7 @@ impl GrpcFrontend {
         }
         for (_, c) in self.conns.drain() {
             c.forwarder.abort();
-            c.session.link.control(Frame::CloseRequest {
-                connect_id: c.agent_connect_id,
-            });
+            c.sender.close_now();
         }
     }
 }
