@@ -30,11 +30,7 @@ pub fn free_port() -> std::io::Result<u16> {
     for _ in 0..span {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = (LOWEST + seed.wrapping_add(n.wrapping_mul(7_919)) % span) as u16;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
-            continue;
-        }
-        let mut guard = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.get_or_insert_with(HashSet::new).insert(port) {
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() && claim(port) {
             return Ok(port);
         }
     }
@@ -53,11 +49,16 @@ fn os_port() -> std::io::Result<u16> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let port = listener.local_addr()?.port();
         drop(listener);
-        let mut guard = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.get_or_insert_with(HashSet::new).insert(port) {
+        if claim(port) {
             return Ok(port);
         }
     }
+}
+
+/// Records `port` as handed out; false if this process handed it out before.
+fn claim(port: u16) -> bool {
+    let mut guard = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    guard.get_or_insert_with(HashSet::new).insert(port)
 }
 
 /// An echo server on a free loopback port (each connection echoes until EOF), running on the
