@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use common::{fill_n, list_n, put_throughput, watch_latency};
 use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
-use kmetal::datastore::gateway::{Gateway, Listen};
+use kmetal::datastore::gateway::Gateway;
 use kmetal::datastore::postgres::{PgConfig, PgStore};
 use kmetal::datastore::{Datastore, MemoryStore};
-use kmetal_testkit::ports::free_port;
 use kmetal_testkit::{EtcdCluster, EtcdOptions, PostgresOptions, PostgresServer};
 
 const KEYS: usize = 20_000;
@@ -26,11 +25,11 @@ async fn client(endpoint: String) -> Arc<dyn Datastore> {
     Arc::new(EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap())
 }
 
+/// Serves `store` on a loopback listener bound before the gateway runs; the endpoint.
 async fn gateway(store: Arc<dyn Datastore>) -> String {
-    let port = free_port().unwrap();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    tokio::spawn(Gateway::new(store).serve(Listen::Tcp(addr), None, std::future::pending()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(Gateway::new(store).serve_on(listener, None, std::future::pending()));
     format!("http://127.0.0.1:{port}")
 }
 

@@ -10,27 +10,26 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kmetal_datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
-use kmetal_datastore::gateway::{Gateway, Listen};
+use kmetal_datastore::gateway::{Gateway, GatewayTls, Listen};
 use kmetal_datastore::postgres::{PgConfig, PgStore};
 use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
 use kmetal_datastore::{Datastore, MemoryStore};
-use kmetal_testkit::ports::free_port;
 use kmetal_testkit::process::find_binary;
 use kmetal_testkit::{PostgresOptions, PostgresServer};
 
-/// Serves `store` on a free port (until the test ends); returns the endpoint.
+/// Serves `store` on a loopback port of its own (until the test ends); returns the port.
+/// The listener is bound before the gateway runs, so no other socket can take the port in
+/// between and clients never race the bind.
+async fn serve_gateway(store: Arc<dyn Datastore>, tls: Option<GatewayTls>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(Gateway::new(store).serve_on(listener, tls, std::future::pending()));
+    port
+}
+
+/// Serves `store` in plaintext; returns the endpoint.
 async fn serve(store: Arc<dyn Datastore>) -> String {
-    let port = free_port().unwrap();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    tokio::spawn(Gateway::new(store).serve(Listen::Tcp(addr), None, std::future::pending()));
-    // Wait for the listener.
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    format!("http://127.0.0.1:{port}")
+    format!("http://127.0.0.1:{}", serve_gateway(store, None).await)
 }
 
 async fn through_gateway(store: Arc<dyn Datastore>) -> Arc<dyn Datastore> {
@@ -279,7 +278,6 @@ async fn etcdctl_script(ep: String) {
 /// CA: the tenant's client certificate passes, a stranger's is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_and_mtls() {
-    use kmetal_datastore::gateway::GatewayTls;
     use kmetal_datastore::model::{PutRequest, RangeRequest};
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("etcd.sock");
@@ -324,19 +322,12 @@ async fn unix_socket_and_mtls() {
     let other = kmetal_pki::Bundle::generate(&kmetal_pki::PkiSpec::new("t2", "api.t2.example.com"))
         .unwrap();
     let file = |b: &kmetal_pki::Bundle, f: &str| b.get(f).unwrap().to_string();
-    let port = free_port().unwrap();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let tls = GatewayTls {
         cert_pem: file(&bundle, "pki/etcd/server.crt"),
         key_pem: file(&bundle, "pki/etcd/server.key"),
         client_ca_pem: Some(file(&bundle, "pki/etcd/ca.crt")),
     };
-    tokio::spawn(Gateway::new(Arc::new(MemoryStore::new())).serve(
-        Listen::Tcp(addr),
-        Some(tls),
-        std::future::pending(),
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port = serve_gateway(Arc::new(MemoryStore::new()), Some(tls)).await;
     let config = |client: &kmetal_pki::Bundle| {
         EtcdConfig::new([format!("https://127.0.0.1:{port}")])
             .with_request_timeout(Duration::from_secs(3))
