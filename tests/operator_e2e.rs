@@ -328,8 +328,7 @@ async fn admin_conf_authenticates_against_the_tenant_endpoint() {
             });
         }
     });
-    let kubectl =
-        kmetal_testkit::process::find_binary("kubectl", "kubernetes-client", &[]).expect("kubectl");
+    let kubectl = kmetal_testkit::process::peer_binary("kubectl").expect("kubectl");
     let ask = |tenant: &str| {
         Command::new(&kubectl)
             .arg("--kubeconfig")

@@ -171,7 +171,7 @@ fn openssl_shows_the_kubeadm_profile() {
 
 #[test]
 fn kubectl_reads_every_kubeconfig() {
-    let kubectl = find_binary("kubectl", "kubernetes-client", &[]).unwrap();
+    let kubectl = kmetal_testkit::process::peer_binary("kubectl").unwrap();
     let (dir, _) = written("t1");
     for (name, user) in [
         ("admin.conf", "kubernetes-admin"),

@@ -1,4 +1,5 @@
-//! Real etcd (Debian's `etcd-server`, v3.4) clusters on loopback.
+//! Real etcd clusters on loopback: Debian's `etcd-server` (v3.4, the default) or etcd 3.6 built
+//! by `scripts/peers.sh` (the etcd Kamaji deploys), chosen by [`EtcdOptions::release`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kmetal_testkit::etcd::EtcdError> {
@@ -52,9 +53,41 @@ pub enum EtcdError {
     TempDir(#[source] std::io::Error),
 }
 
+/// Which etcd to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EtcdRelease {
+    /// Debian's `etcd-server` package (3.4).
+    #[default]
+    Debian34,
+    /// etcd 3.6 from its Go modules, built by `scripts/peers.sh`.
+    V36,
+}
+
+impl EtcdRelease {
+    /// The server binary.
+    fn binary(self) -> Result<PathBuf, ProcessError> {
+        match self {
+            Self::Debian34 => find_binary("etcd", "etcd-server", &[]),
+            Self::V36 => process::peer_binary("etcd"),
+        }
+    }
+
+    /// The flag setting the watch progress notification interval (3.6 dropped the
+    /// `experimental-` prefix and warns on the old name).
+    fn progress_notify_flag(self) -> &'static str {
+        match self {
+            Self::Debian34 => "--experimental-watch-progress-notify-interval",
+            Self::V36 => "--watch-progress-notify-interval",
+        }
+    }
+}
+
 /// How to start a cluster.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
+    /// Which etcd.
+    pub release: EtcdRelease,
     /// Number of members (1 for a single server).
     pub members: usize,
     /// Serve clients over TLS and require client certificates from the test CA (etcd's
@@ -77,6 +110,7 @@ pub struct EtcdOptions {
 impl Default for EtcdOptions {
     fn default() -> Self {
         Self {
+            release: EtcdRelease::default(),
             members: 1,
             tls: false,
             auth: false,
@@ -118,7 +152,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 impl EtcdCluster {
     /// Starts the members, waits for a leader and, if asked, enables auth.
     pub async fn start(options: EtcdOptions) -> Result<Self, EtcdError> {
-        let binary = find_binary("etcd", "etcd-server", &[])?;
+        let binary = options.release.binary()?;
         let dir = tempfile::Builder::new()
             .prefix("kmetal-etcd-")
             .tempdir()
@@ -188,7 +222,8 @@ impl EtcdCluster {
             }
             if let Some(p) = options.progress_notify_interval {
                 args.push(format!(
-                    "--experimental-watch-progress-notify-interval={}ms",
+                    "{}={}ms",
+                    options.release.progress_notify_flag(),
                     p.as_millis()
                 ));
             }

@@ -2,13 +2,22 @@
 //! directories and always stopped afterwards.
 //!
 //! # Layout
-//! - [`process`]: finding binaries (a missing one names the Debian package to install) and
-//!   supervising children that die with the test process, even when it is killed.
-//! - [`etcd`]: [`EtcdCluster`]: one or N members of Debian's `etcd`, optional TLS with
+//! - [`process`]: finding binaries (a missing Debian one names its package, a missing peer
+//!   names `scripts/peers.sh`) and supervising children that die with the test process, even
+//!   when it is killed.
+//! - [`etcd`]: [`EtcdCluster`]: one or N members of Debian's etcd 3.4 or of etcd 3.6 built by
+//!   `scripts/peers.sh` ([`EtcdRelease`]), optional TLS with
 //!   client-certificate auth, optional RBAC with a root user, optional fault proxies on the
 //!   peer links; kill, restart, find the leader.
 //! - [`postgres`]: [`PostgresServer`]: PostgreSQL 15 via `initdb`, run as the `postgres` user
 //!   when we are root; restart; stop on drop.
+//! - [`kube`]: [`KubeApiserver`] and [`KubeController`] (kube-controller-manager,
+//!   kube-scheduler): the real control plane from `scripts/peers.sh`, serving a kmetal-pki
+//!   tenant bundle on loopback, pointed at any etcd endpoint; kubectl as the tenant's admin.
+//! - [`kine`]: [`Kine`]: the real kine on SQLite or PostgreSQL.
+//! - [`konnectivity`]: [`KonnectivityServer`] and [`KonnectivityAgent`]: the real
+//!   Konnectivity with an mTLS agent link.
+//! - [`http`]: a small HTTP/1.1 client (plain or rustls) for the peers' health endpoints.
 //! - [`proxy`]: [`FaultProxy`]: a TCP proxy with one-way latency per direction, cut modes
 //!   (hang or reset) and byte counters.
 //! - [`tls`]: a throwaway CA issuing server and client certificates for tests.
@@ -17,13 +26,20 @@
 
 pub mod conformance;
 pub mod etcd;
+pub mod http;
+pub mod kine;
+pub mod konnectivity;
+pub mod kube;
 pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod tls;
 
-pub use etcd::{EtcdCluster, EtcdOptions};
+pub use etcd::{EtcdCluster, EtcdOptions, EtcdRelease};
+pub use kine::{Kine, KineBackend};
+pub use konnectivity::{KonnectivityAgent, KonnectivityServer};
+pub use kube::{KubeApiserver, KubeController};
 pub use postgres::{PostgresOptions, PostgresServer};
 pub use process::ProcessError;
 pub use proxy::{FaultProxy, LinkState};

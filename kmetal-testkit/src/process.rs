@@ -19,6 +19,18 @@ pub enum ProcessError {
         /// Debian package that ships it.
         package: &'static str,
     },
+    /// A real peer built from the Go module proxy is not there.
+    #[error(
+        "`{binary}` not built in {}: run scripts/peers.sh, which builds the pinned peers \
+         from the Go module proxy (or set {PEERS_ENV} to a folder that has them)",
+        dir.display()
+    )]
+    MissingPeer {
+        /// Binary name.
+        binary: &'static str,
+        /// Where it was looked for.
+        dir: PathBuf,
+    },
     /// Spawning failed.
     #[error("cannot start {binary}")]
     Spawn {
@@ -72,6 +84,31 @@ pub fn find_binary(
         .map(|d| d.join(binary))
         .find(|p| p.is_file())
         .ok_or(ProcessError::MissingBinary { binary, package })
+}
+
+/// The variable naming the folder of the peers' binaries (what `scripts/peers.sh --bin-dir`
+/// prints); `peers/bin` of this workspace when unset.
+pub const PEERS_ENV: &str = "KMETAL_PEERS_BIN";
+
+/// The folder holding the real peers that `scripts/peers.sh` builds (kube-apiserver,
+/// kube-controller-manager, kube-scheduler, kubectl, kine, konnectivity-server and -agent,
+/// etcd and etcdctl 3.6).
+pub fn peers_dir() -> PathBuf {
+    std::env::var_os(PEERS_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../peers/bin"))
+}
+
+/// Finds one of the real peers built by `scripts/peers.sh`; a missing one is an error naming
+/// the script (never a skip).
+pub fn peer_binary(binary: &'static str) -> Result<PathBuf, ProcessError> {
+    let dir = peers_dir();
+    let path = dir.join(binary);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ProcessError::MissingPeer { binary, dir })
+    }
 }
 
 /// How a supervised child is launched.
@@ -218,6 +255,39 @@ impl Supervised {
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
     }
+
+    /// Polls `check` until it holds; fails with [`ProcessError::NotReady`] and the log's
+    /// tail as soon as the process exits, or when `timeout` passes.
+    pub async fn wait_until<F, Fut>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: F,
+    ) -> Result<(), ProcessError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.is_running() {
+                return Err(ProcessError::NotReady {
+                    what: format!("{what} (the process exited)"),
+                    log_tail: self.log_tail(30),
+                });
+            }
+            if check().await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ProcessError::NotReady {
+                    what: format!("{what} within {timeout:?}"),
+                    log_tail: self.log_tail(30),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// The last `lines` lines of a log file.
@@ -246,6 +316,17 @@ mod tests {
             "`kmetal-no-such-server` not found: install Debian's `kmetal-no-such-package` \
              (apt-get install kmetal-no-such-package)"
         );
+    }
+
+    #[test]
+    fn missing_peer_names_the_script() {
+        let err = peer_binary("kmetal-no-such-peer").expect_err("must not be found");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("`kmetal-no-such-peer` not built in "),
+            "{text}"
+        );
+        assert!(text.contains("run scripts/peers.sh"), "{text}");
     }
 
     #[test]
