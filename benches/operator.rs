@@ -13,17 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-fn operator() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--example", "operator"])
-        .current_dir(&root)
-        .status()
-        .expect("cargo build");
-    assert!(status.success());
-    root.join("target/release/examples/operator")
-}
-
 fn manifests(dir: &Path, n: usize) -> PathBuf {
     let mut y = format!(
         "apiVersion: kamaji.clastix.io/v1alpha1\nkind: DataStore\nmetadata: {{name: embedded}}\nspec: {{driver: SQLite, endpoints: [{}]}}\n",
@@ -82,7 +71,7 @@ fn run(op: &Path, n: usize) -> (f64, u64) {
 
 fn main() {
     let quick = common::quick();
-    let op = operator();
+    let op = common::example("operator", quick);
     let n = if quick { 50 } else { 1000 };
     let (small_t, small_rss) = run(&op, 10);
     let (t, rss) = run(&op, n);

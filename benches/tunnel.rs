@@ -323,17 +323,8 @@ impl Drop for Processes {
 
 fn processes(bundle: &Bundle) -> Processes {
     use std::io::BufRead;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--example", "tunnel"])
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exe = std::env::var_os("KMETAL_BENCH_TUNNEL_EXE").map_or_else(
-        || root.join("target/release/examples/tunnel"),
-        PathBuf::from,
-    );
+    let exe = std::env::var_os("KMETAL_BENCH_TUNNEL_EXE")
+        .map_or_else(|| common::example("tunnel", false), PathBuf::from);
     let dir = tempfile::tempdir().unwrap();
     bundle.write_dir(dir.path()).unwrap();
     let uds = dir.path().join("connect.sock");

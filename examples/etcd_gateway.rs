@@ -17,7 +17,7 @@ use std::sync::Arc;
 use clap::Parser;
 use kmetal::datastore::Datastore;
 use kmetal::datastore::gateway::{Gateway, GatewayTls, Listen};
-use kmetal::datastore::url::DatastoreUrl;
+use kmetal::datastore::url::{DatastoreUrl, OpenOptions};
 
 #[derive(Parser)]
 #[command(name = "etcd_gateway", about = "etcd v3 API over a kmetal datastore")]
@@ -37,16 +37,41 @@ struct Cli {
     /// Require client certificates from this CA (PEM): mTLS.
     #[arg(long = "client-ca", requires = "cert")]
     client_ca: Option<PathBuf>,
+    /// How long a watch that asked for progress notifications may stay idle before it gets
+    /// one, like etcd's flag of the same name: `500ms`, `10s`, `10m`.
+    #[arg(long = "watch-progress-notify-interval", default_value = "10m", value_parser = duration)]
+    watch_progress_notify_interval: std::time::Duration,
 }
 
-async fn store(spec: &str) -> Result<Arc<dyn Datastore>, String> {
+/// `N` followed by `ms`, `s`, `m` or `h`.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("{text:?}: the unit is one of ms, s, m, h")),
+    };
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+async fn store(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Datastore>, String> {
     let url: DatastoreUrl = spec.parse().map_err(|e| format!("--datastore {e}"))?;
     if matches!(url, DatastoreUrl::Etcd(_)) {
         return Err(format!(
             "--datastore {url}: serve etcd's API from etcd itself"
         ));
     }
-    url.open().await.map_err(|e| format!("{url}: {e}"))
+    url.open_with(options)
+        .await
+        .map_err(|e| format!("{url}: {e}"))
 }
 
 fn read(path: &PathBuf) -> Result<String, String> {
@@ -58,7 +83,8 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
         .listen
         .parse()
         .map_err(|e| (2, format!("--listen {}: {e}", cli.listen)))?;
-    let store = store(&cli.datastore).await.map_err(|e| (2, e))?;
+    let options = OpenOptions::default().with_progress_interval(cli.watch_progress_notify_interval);
+    let store = store(&cli.datastore, &options).await.map_err(|e| (2, e))?;
     let tls = match (&cli.cert, &cli.key) {
         (Some(c), Some(k)) => Some(GatewayTls {
             cert_pem: read(c).map_err(|e| (2, e))?,

@@ -59,15 +59,21 @@ konnectivity konnectivity-server sigs.k8s.io/apiserver-network-proxy/cmd/server 
 konnectivity konnectivity-agent sigs.k8s.io/apiserver-network-proxy/cmd/agent 0 - -s -w
 etcd etcd ./cmd/etcd 0 - -s -w
 etcd etcdctl go.etcd.io/etcd/etcdctl/v3 0 - -s -w
+storage-tests (built by build_storage_tests: k8s-storage-etcd3.test, k8s-storage-cacher.test)
 EOF
 )
-declare -A versions=([kubernetes]=$k8s_version [kine]=$kine_version [konnectivity]=$anp_version [etcd]=$etcd_version)
+apiserver_version=$(required storage-tests k8s.io/apiserver)
+declare -A versions=([kubernetes]=$k8s_version [kine]=$kine_version [konnectivity]=$anp_version
+  [etcd]=$etcd_version [storage-tests]=$apiserver_version)
+source "$root/scripts/lib/storage-tests.sh"
 
 # Where each peer's binaries go: the key covers everything that changes what is built.
 peer_dir() {
   local peer=$1 key
   key=$( (cd "$root/peers/$peer" && cat go.mod go.sum $(find . -name '*.go' | sort) 2>/dev/null
-          grep "^$peer " <<<"$recipe"; echo "$go_version") | sha256sum | cut -c1-12)
+          grep "^$peer " <<<"$recipe"; echo "$go_version"
+          if [ "$peer" = storage-tests ]; then cat "$root/scripts/lib/storage-tests.sh"; fi) \
+          | sha256sum | cut -c1-12)
   echo "$cache/$peer-${versions[$peer]}-$key"
 }
 
@@ -75,19 +81,23 @@ link_dir="$root/peers/bin"
 mkdir -p "$link_dir"
 total_start=$(date +%s)
 built=()
-for peer in kubernetes kine konnectivity etcd; do
+for peer in kubernetes kine konnectivity etcd storage-tests; do
   dir=$(peer_dir "$peer")
   if [ ! -f "$dir/.complete" ]; then
     say "peers: building $peer ${versions[$peer]} into $dir (the first time takes minutes)"
     start=$(date +%s)
     staging="$dir.partial"
     rm -rf "$staging" && mkdir -p "$staging"
-    while read -r _ binary package cgo tags ldflags; do
-      tagflag=()
-      [ "$tags" = "-" ] || tagflag=(-tags "$tags")
-      (cd "$root/peers/$peer" && CGO_ENABLED=$cgo go build "${tagflag[@]}" -ldflags "$ldflags" \
-        -o "$staging/$binary" "$package") >&2
-    done < <(grep "^$peer " <<<"$recipe")
+    if [ "$peer" = storage-tests ]; then
+      build_storage_tests "$root" "$staging"
+    else
+      while read -r _ binary package cgo tags ldflags; do
+        tagflag=()
+        [ "$tags" = "-" ] || tagflag=(-tags "$tags")
+        (cd "$root/peers/$peer" && CGO_ENABLED=$cgo go build "${tagflag[@]}" -ldflags "$ldflags" \
+          -o "$staging/$binary" "$package") >&2
+      done < <(grep "^$peer " <<<"$recipe")
+    fi
     echo "$peer ${versions[$peer]} built in $(( $(date +%s) - start )) s with $go_version" >"$staging/.complete"
     rm -rf "$dir" && mv "$staging" "$dir"
     built+=("$peer")
@@ -105,6 +115,6 @@ else
   else
     say "peers: all built already (nothing to do)"
   fi
-  say "peers: $k8s_version (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), kine $kine_version, konnectivity $anp_version, etcd $etcd_version"
+  say "peers: $k8s_version (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), kine $kine_version, konnectivity $anp_version, etcd $etcd_version, storage tests of k8s.io/apiserver $apiserver_version"
   say "peers: binaries in $link_dir -> $cache ($(du -sh "$cache" | cut -f1))"
 fi

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kmetal::datastore::Datastore;
-use kmetal::datastore::model::{PutRequest, RangeRequest, WatchRequest, prefix_end};
+use kmetal::datastore::model::{
+    Compare, CompareOp, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchRequest, prefix_end,
+};
 
 /// True when a benchmark runs as a test: a small workload that still exercises every path.
 /// The rule is criterion's, so our own harnesses and criterion's agree: `cargo bench` passes
@@ -33,6 +35,31 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// Builds the example `name` and returns its path: a release build for a measurement, the
+/// test profile's (which `cargo test` has already made) in quick mode, where only the
+/// workload's shape matters and a cold release build would cost CI minutes. The target
+/// folder is the one this bench runs from (`<target>/<profile>/deps/`), so
+/// `CARGO_TARGET_DIR` is honoured.
+pub fn example(name: &str, quick: bool) -> std::path::PathBuf {
+    use std::path::{Path, PathBuf};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build.args(["build", "--example", name]);
+    if !quick {
+        build.arg("--release");
+    }
+    let status = build.current_dir(&root).status().expect("cargo build");
+    assert!(status.success(), "cargo build --example {name}");
+    let target = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .unwrap_or_else(|| root.join("target"));
+    target
+        .join(if quick { "debug" } else { "release" })
+        .join("examples")
+        .join(name)
 }
 
 /// Where criterion writes its reports (the workspace's `target/criterion`).
@@ -66,6 +93,40 @@ pub async fn put_throughput(s: Arc<dyn Datastore>, per_writer: usize) -> f64 {
     (WRITERS * per_writer) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// kube-apiserver's create: put `key` if it does not exist (the only write shape every
+/// subject takes; kine refuses plain puts).
+pub fn create(key: String, value: Vec<u8>) -> TxnRequest {
+    TxnRequest {
+        compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, 0)],
+        success: vec![RequestOp::Put(PutRequest::new(key, value))],
+        failure: vec![],
+    }
+}
+
+/// Creates per second with [`WRITERS`] concurrent writers of 1 KiB values, under
+/// `/create/<tag>/` (a tag per round keeps every key new).
+pub async fn create_throughput(s: Arc<dyn Datastore>, per_writer: usize, tag: &str) -> f64 {
+    let value = vec![b'v'; 1024];
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (s, value, tag) = (s.clone(), value.clone(), tag.to_owned());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                let r = s
+                    .txn(create(format!("/create/{tag}/{w}/{i}"), value.clone()))
+                    .await
+                    .unwrap();
+                assert!(r.succeeded, "the key was new");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (WRITERS * per_writer) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Writes `n` keys of 128 bytes under `/list/` with [`WRITERS`] writers.
 pub async fn fill_n(s: &Arc<dyn Datastore>, n: usize) {
     let mut tasks = Vec::new();
@@ -73,7 +134,7 @@ pub async fn fill_n(s: &Arc<dyn Datastore>, n: usize) {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             for i in (w..n).step_by(WRITERS) {
-                s.put(PutRequest::new(format!("/list/{i:06}"), vec![b'x'; 128]))
+                s.txn(create(format!("/list/{i:06}"), vec![b'x'; 128]))
                     .await
                     .unwrap();
             }
@@ -116,7 +177,7 @@ pub async fn list_n(s: &Arc<dyn Datastore>, n: usize) -> Duration {
     start.elapsed()
 }
 
-/// Write on `writer`, time until `watcher` delivers the event; percentiles in ms.
+/// Create on `writer`, time until `watcher` delivers the event; percentiles in ms.
 pub async fn watch_latency(
     writer: Arc<dyn Datastore>,
     watcher: Arc<dyn Datastore>,
@@ -130,7 +191,7 @@ pub async fn watch_latency(
     for i in 0..n {
         let start = Instant::now();
         writer
-            .put(PutRequest::new(format!("/lat/{i}"), "x"))
+            .txn(create(format!("/lat/{i}"), b"x".to_vec()))
             .await
             .unwrap();
         loop {

@@ -29,7 +29,6 @@ const ENTRY_OVERHEAD: u64 = 48;
 /// How often the background task looks for expired leases.
 const LEASE_TICK: Duration = Duration::from_millis(100);
 /// etcd's `--experimental-watch-progress-notify-interval` default.
-const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -136,8 +135,12 @@ impl MemoryStore {
     pub fn with_limits(limits: Limits) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
+                // etcd starts at revision 1: a fresh store's header revision is 1 and its first
+                // write is revision 2. kube-apiserver's watch cache refuses a list at revision 0
+                // ("illegal resource version from storage: 0") and never becomes ready.
+                revision: 1,
                 next_lease: 1,
-                progress_interval: DEFAULT_PROGRESS_INTERVAL,
+                progress_interval: crate::model::DEFAULT_PROGRESS_INTERVAL,
                 ..State::default()
             }),
             limits,

@@ -5,6 +5,10 @@
 
 use bytes::Bytes;
 
+/// How long a watch that asked for progress notifications may stay idle before it gets an
+/// empty batch at the current revision: etcd's `--watch-progress-notify-interval` default.
+pub const DEFAULT_PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A store revision: increases by one per write (a whole txn is one write).
 pub type Revision = i64;
 /// A lease id; 0 means "no lease".

@@ -47,7 +47,8 @@ use crate::model::{
     WatchBatch, WatchRequest,
 };
 use crate::sqllog::{
-    HubMsg, Meta, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
+    HubMsg, Meta, ProgressClock, Unregister, Watcher, bounds, deliver, next_watch_id,
+    spawn_auto_compaction,
 };
 use crate::store::{Datastore, WatchStream};
 
@@ -104,6 +105,9 @@ pub struct SqliteConfig {
     pub compaction_batch: i64,
     /// Compact automatically: every `.0`, keep the last `.1` revisions.
     pub auto_compact: Option<(Duration, i64)>,
+    /// How long a watch that asked for progress notifications may stay idle before it gets
+    /// one (etcd's `--watch-progress-notify-interval`, 10 minutes by default).
+    pub progress_interval: Duration,
 }
 
 impl SqliteConfig {
@@ -117,7 +121,14 @@ impl SqliteConfig {
             lease_sweep: Duration::from_millis(500),
             compaction_batch: 1000,
             auto_compact: None,
+            progress_interval: crate::model::DEFAULT_PROGRESS_INTERVAL,
         }
+    }
+
+    /// The same with another watch progress notification interval.
+    pub fn with_progress_interval(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval;
+        self
     }
 }
 
@@ -690,12 +701,13 @@ async fn hub_task(
     path: PathBuf,
     mut rx: mpsc::UnboundedReceiver<HubMsg>,
     mut committed: watch::Receiver<Revision>,
+    mut progress: ProgressClock,
 ) {
     let mut watchers: HashMap<u64, Watcher> = HashMap::new();
     let mut last: Revision = with_reader(&pool, &path, current_revision)
         .await
         .unwrap_or_default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(progress.tick());
     loop {
         let mut hint: Option<Revision> = None;
         let mut idle_tick = false;
@@ -747,7 +759,7 @@ async fn hub_task(
             };
             watchers.retain(|_, w| deliver(w, &ev, now));
             last = now;
-        } else if idle_tick {
+        } else if idle_tick && progress.due() {
             watchers.retain(|_, w| {
                 !w.progress
                     || w.tx
@@ -833,7 +845,13 @@ impl SqliteStore {
             .map_err(db)?;
         let pool: Pool = Arc::new(Mutex::new(Vec::new()));
         let (htx, hrx) = mpsc::unbounded_channel();
-        let hub = tokio::spawn(hub_task(pool.clone(), cfg.path.clone(), hrx, committed_rx));
+        let hub = tokio::spawn(hub_task(
+            pool.clone(),
+            cfg.path.clone(),
+            hrx,
+            committed_rx,
+            ProgressClock::new(cfg.progress_interval),
+        ));
         let sweeper = tokio::spawn(sweeper_task(
             pool.clone(),
             cfg.path.clone(),

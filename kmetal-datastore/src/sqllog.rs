@@ -1,10 +1,45 @@
 //! What the SQL drivers (PostgreSQL, SQLite) share: key-range bounds as SQL parameters, and
 //! the watch hub's bookkeeping (registered watchers, per-revision delivery, unregistering).
 
+use std::time::{Duration, Instant};
+
 use tokio::sync::mpsc;
 
 use crate::error::{DatastoreError, Result};
 use crate::model::{CompactResponse, Event, EventKind, KeyRange, LeaseId, Revision, WatchBatch};
+
+/// When an idle watch hub owes the watches that asked for progress an empty batch: once per
+/// `interval` (etcd's `--watch-progress-notify-interval`). The hub's own tick (which also
+/// notices other processes' writes) is [`tick`](Self::tick), at most a second.
+#[derive(Debug)]
+pub(crate) struct ProgressClock {
+    interval: Duration,
+    last: Instant,
+}
+
+impl ProgressClock {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval: interval.max(Duration::from_millis(10)),
+            last: Instant::now(),
+        }
+    }
+
+    /// How often the hub should wake up when nothing happens.
+    pub(crate) fn tick(&self) -> Duration {
+        self.interval.min(Duration::from_secs(1))
+    }
+
+    /// Whether progress is due now (and, if so, restarts the interval).
+    pub(crate) fn due(&mut self) -> bool {
+        if self.last.elapsed() >= self.interval {
+            self.last = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// The `kmetal_meta` row a writer holds while applying a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,31 @@ pub enum DatastoreUrl {
     Etcd(Vec<String>),
 }
 
+/// Settings [`DatastoreUrl::open_with`] applies to whichever driver the URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// How long a watch that asked for progress notifications may stay idle before it gets
+    /// one (etcd's `--watch-progress-notify-interval`; a dedicated etcd keeps its own).
+    pub progress_interval: std::time::Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            progress_interval: crate::model::DEFAULT_PROGRESS_INTERVAL,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// The same with another watch progress notification interval.
+    pub fn with_progress_interval(mut self, interval: std::time::Duration) -> Self {
+        self.progress_interval = interval;
+        self
+    }
+}
+
 /// A URL that names no driver.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -85,23 +110,33 @@ impl std::fmt::Display for DatastoreUrl {
 impl DatastoreUrl {
     /// Opens the store this URL names (for `sqlite://`, creating the file and its folder).
     pub async fn open(&self) -> Result<Arc<dyn Datastore>, DatastoreError> {
+        self.open_with(&OpenOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with settings that every driver takes.
+    pub async fn open_with(
+        &self,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Datastore>, DatastoreError> {
         Ok(match self {
-            Self::Memory => Arc::new(crate::MemoryStore::new()),
+            Self::Memory => Arc::new(
+                crate::MemoryStore::new().with_progress_interval(options.progress_interval),
+            ),
             #[cfg(feature = "sqlite")]
             Self::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(DatastoreError::unavailable)?;
                 }
-                Arc::new(
-                    crate::sqlite::SqliteStore::open(crate::sqlite::SqliteConfig::new(path))
-                        .await?,
-                )
+                let cfg = crate::sqlite::SqliteConfig::new(path)
+                    .with_progress_interval(options.progress_interval);
+                Arc::new(crate::sqlite::SqliteStore::open(cfg).await?)
             }
             #[cfg(feature = "postgres")]
-            Self::Postgres(url) => Arc::new(
-                crate::postgres::PgStore::connect(crate::postgres::PgConfig::new(url.clone()))
-                    .await?,
-            ),
+            Self::Postgres(url) => {
+                let cfg = crate::postgres::PgConfig::new(url.clone())
+                    .with_progress_interval(options.progress_interval);
+                Arc::new(crate::postgres::PgStore::connect(cfg).await?)
+            }
             #[cfg(feature = "etcd")]
             Self::Etcd(hosts) => {
                 let endpoints: Vec<String> = hosts.iter().map(|h| format!("http://{h}")).collect();

@@ -58,7 +58,11 @@ async fn etcd_client_conforms_through_the_gateway_on_sqlite() {
         let path = base.join(format!("g{}.db", n.fetch_add(1, Ordering::Relaxed)));
         async move {
             through_gateway(Arc::new(
-                SqliteStore::open(SqliteConfig::new(path)).await.unwrap(),
+                SqliteStore::open(
+                    SqliteConfig::new(path).with_progress_interval(Duration::from_secs(1)),
+                )
+                .await
+                .unwrap(),
             ))
             .await
         }
@@ -80,9 +84,12 @@ async fn etcd_client_conforms_through_the_gateway_on_postgres() {
         async move {
             pg.create_database(&name).await.unwrap();
             through_gateway(Arc::new(
-                PgStore::connect(PgConfig::new(pg.conninfo(&name)))
-                    .await
-                    .unwrap(),
+                PgStore::connect(
+                    PgConfig::new(pg.conninfo(&name))
+                        .with_progress_interval(Duration::from_secs(1)),
+                )
+                .await
+                .unwrap(),
             ))
             .await
         }

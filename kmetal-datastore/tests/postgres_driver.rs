@@ -24,7 +24,8 @@ async fn postgres_driver_conforms() {
         let name = format!("conf{}", n.fetch_add(1, Ordering::Relaxed));
         async move {
             pg.create_database(&name).await.unwrap();
-            let mut cfg = PgConfig::new(pg.conninfo(&name));
+            let mut cfg =
+                PgConfig::new(pg.conninfo(&name)).with_progress_interval(Duration::from_secs(1));
             cfg.request_timeout = Duration::from_secs(10);
             Arc::new(PgStore::connect(cfg).await.unwrap()) as Arc<dyn Datastore>
         }

@@ -4,38 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kmetal_datastore::Datastore;
 use kmetal_datastore::gateway::Gateway;
 use kmetal_datastore::model::RangeRequest;
 use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
 use kmetal_testkit::KubeApiserver;
-use kmetal_testkit::kube::ApiserverOptions;
-
-/// The namespaces every api-server creates at start-up.
-const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-node-lease", "kube-public", "kube-system"];
-
-/// `kubectl get ns` once the system-namespaces controller has run (right after /readyz).
-async fn namespaces(api: &KubeApiserver) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = api.kubectl(&["get", "ns", "-o", "name"]).unwrap();
-        let names: Vec<String> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("namespace/"))
-            .map(str::to_owned)
-            .collect();
-        if SYSTEM_NAMESPACES
-            .iter()
-            .all(|n| names.iter().any(|m| m == n))
-            || tokio::time::Instant::now() > deadline
-        {
-            return names;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+use kmetal_testkit::kube::{ApiserverOptions, SYSTEM_NAMESPACES};
 
 /// kube-apiserver on the gateway over SQLite: `kubectl get ns` lists the system namespaces, a
 /// ConfigMap written through kubectl lands in the SQLite log under /registry.
@@ -54,7 +29,7 @@ async fn apiserver_on_gateway_over_sqlite_answers_kubectl() {
     let api = KubeApiserver::start(ApiserverOptions::new([endpoint]))
         .await
         .unwrap();
-    assert_eq!(namespaces(&api).await, SYSTEM_NAMESPACES);
+    assert_eq!(api.system_namespaces().await.unwrap(), SYSTEM_NAMESPACES);
 
     api.kubectl(&[
         "create",

@@ -19,8 +19,8 @@ async fn sqlite_driver_conforms() {
     kmetal_testkit::conformance::run("sqlite", || {
         let path = dir_path.join(format!("conf{}.db", n.fetch_add(1, Ordering::Relaxed)));
         async move {
-            Arc::new(SqliteStore::open(SqliteConfig::new(path)).await.unwrap())
-                as Arc<dyn Datastore>
+            let cfg = SqliteConfig::new(path).with_progress_interval(Duration::from_secs(1));
+            Arc::new(SqliteStore::open(cfg).await.unwrap()) as Arc<dyn Datastore>
         }
     })
     .await;

@@ -60,6 +60,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 impl Kine {
     /// Starts kine on `backend` and waits until it answers an etcd range.
     pub async fn start(backend: KineBackend) -> Result<Self, KineError> {
+        Self::start_with(backend, &[]).await
+    }
+
+    /// [`start`](Self::start) with further flags after ours (kine takes the last value).
+    pub async fn start_with(
+        backend: KineBackend,
+        extra_args: &[String],
+    ) -> Result<Self, KineError> {
         let binary = process::peer_binary("kine")?;
         let dir = tempfile::Builder::new()
             .prefix("kmetal-kine-")
@@ -82,6 +90,7 @@ impl Kine {
             // kine serves metrics on :8080 unless told not to; tests run several at once.
             "--metrics-bind-address=0".to_string(),
         ]);
+        cmd.args(extra_args);
         let mut kine = Self {
             process: Supervised::spawn(cmd, &log)?,
             port,

@@ -159,6 +159,10 @@ impl ApiserverOptions {
     }
 }
 
+/// The namespaces every api-server creates at start-up, sorted.
+pub const SYSTEM_NAMESPACES: [&str; 4] =
+    ["default", "kube-node-lease", "kube-public", "kube-system"];
+
 /// How long a component may take to become ready: on two busy cores a cold api-server takes
 /// 10-20 s to install its storage and post-start hooks.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -322,6 +326,30 @@ impl KubeApiserver {
     /// `admin.conf`: kubeadm's admin (group `kubeadm:cluster-admins`, bound to cluster-admin).
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.files.dir.join("admin.conf")
+    }
+
+    /// Waits (the api-server's system-namespaces controller runs right after `/readyz`)
+    /// until `kubectl get ns` lists `default`, `kube-node-lease`, `kube-public` and
+    /// `kube-system`, at most 30 s, and returns the namespaces it listed last, sorted.
+    pub async fn system_namespaces(&self) -> Result<Vec<String>, KubeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.kubectl(&["get", "ns", "-o", "name"])?;
+            let mut names: Vec<String> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("namespace/"))
+                .map(str::to_owned)
+                .collect();
+            names.sort();
+            if SYSTEM_NAMESPACES
+                .iter()
+                .all(|n| names.iter().any(|m| m == n))
+                || tokio::time::Instant::now() > deadline
+            {
+                return Ok(names);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Runs the real kubectl (from `scripts/peers.sh`) as the admin and returns its stdout.

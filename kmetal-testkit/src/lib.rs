@@ -17,6 +17,8 @@
 //! - [`kine`]: [`Kine`]: the real kine on SQLite or PostgreSQL.
 //! - [`konnectivity`]: [`KonnectivityServer`] and [`KonnectivityAgent`]: the real
 //!   Konnectivity with an mTLS agent link.
+//! - [`k8s_storage`]: Kubernetes' own storage tests (k8s.io/apiserver's etcd3 store and watch
+//!   cache), built by `scripts/peers.sh`, run against backends a test hands out.
 //! - [`http`]: a small HTTP/1.1 client (plain or rustls) for the peers' health endpoints.
 //! - [`proxy`]: [`FaultProxy`]: a TCP proxy with one-way latency per direction, cut modes
 //!   (hang or reset) and byte counters.
@@ -27,6 +29,7 @@
 pub mod conformance;
 pub mod etcd;
 pub mod http;
+pub mod k8s_storage;
 pub mod kine;
 pub mod konnectivity;
 pub mod kube;

@@ -9,36 +9,11 @@
 use std::time::Duration;
 
 use kmetal_testkit::konnectivity::{AgentOptions, LinkTls, ServerOptions};
-use kmetal_testkit::kube::{ApiserverOptions, Controller};
+use kmetal_testkit::kube::{ApiserverOptions, Controller, SYSTEM_NAMESPACES};
 use kmetal_testkit::{
     EtcdCluster, EtcdOptions, EtcdRelease, Kine, KineBackend, KonnectivityAgent,
     KonnectivityServer, KubeApiserver, KubeController, PostgresOptions, PostgresServer,
 };
-
-/// The namespaces every api-server creates at start-up.
-const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-node-lease", "kube-public", "kube-system"];
-
-/// Waits (the system-namespaces controller runs right after /readyz) until `kubectl get ns`
-/// lists the four system namespaces, and returns what it listed.
-async fn system_namespaces(api: &KubeApiserver) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = api.kubectl(&["get", "ns", "-o", "name"]).unwrap();
-        let names: Vec<String> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("namespace/"))
-            .map(str::to_owned)
-            .collect();
-        if SYSTEM_NAMESPACES
-            .iter()
-            .all(|n| names.iter().any(|m| m == n))
-            || tokio::time::Instant::now() > deadline
-        {
-            return names;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 /// A kube-apiserver on a real etcd 3.6 answers `kubectl get ns` with the system namespaces;
 /// the controller-manager and scheduler from the same bundle take their leases.
@@ -56,7 +31,7 @@ async fn apiserver_on_etcd_3_6_answers_kubectl() {
     let api = KubeApiserver::start(ApiserverOptions::new(etcd.endpoints()))
         .await
         .unwrap();
-    assert_eq!(system_namespaces(&api).await, SYSTEM_NAMESPACES);
+    assert_eq!(api.system_namespaces().await.unwrap(), SYSTEM_NAMESPACES);
     let version = api.kubectl(&["version", "-o", "json"]).unwrap();
     assert!(version.contains(r#""gitVersion": "v1.34."#), "{version}");
 
@@ -107,7 +82,7 @@ async fn apiserver_on_kine_sqlite_answers_kubectl() {
     let api = KubeApiserver::start(ApiserverOptions::new([kine.endpoint()]))
         .await
         .unwrap();
-    assert_eq!(system_namespaces(&api).await, SYSTEM_NAMESPACES);
+    assert_eq!(api.system_namespaces().await.unwrap(), SYSTEM_NAMESPACES);
 }
 
 /// A kube-apiserver on the real kine over PostgreSQL 15 answers `kubectl get ns`, and kine
@@ -125,7 +100,7 @@ async fn apiserver_on_kine_postgres_answers_kubectl() {
     let api = KubeApiserver::start(ApiserverOptions::new([kine.endpoint()]))
         .await
         .unwrap();
-    assert_eq!(system_namespaces(&api).await, SYSTEM_NAMESPACES);
+    assert_eq!(api.system_namespaces().await.unwrap(), SYSTEM_NAMESPACES);
     let (client, conn) = tokio_postgres::connect(&pg.conninfo("kine"), tokio_postgres::NoTls)
         .await
         .unwrap();

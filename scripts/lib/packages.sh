@@ -25,9 +25,10 @@ ensure_packages() {
   echo "kmetal: installing ${missing[*]} with apt-get (${WHY:-needed to build and test kmetal})" >&2
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
+  # apt's and dpkg's progress goes to stdout, which is dropped; their errors stay on stderr.
+  $sudo apt-get update -qq >/dev/null
   # Recommends stay out; the packages that matter are named explicitly above.
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   mapfile -t missing < <(missing_packages "$@")
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "kmetal: still not installed after apt-get: ${missing[*]}" >&2

@@ -34,7 +34,14 @@ impl Identity {
     }
 }
 
-/// A datastore error as etcd reports it.
+/// The metadata key carrying our description of an error whose message is etcd's own.
+pub(crate) const DETAIL_KEY: &str = "kmetal-error-detail";
+
+/// A datastore error as etcd reports it. etcd's clients turn a status into their typed
+/// errors (`rpctypes.ErrCompacted`, …) only when the message is exactly etcd's, and
+/// kube-apiserver compares those by identity (a compacted read must be `ErrCompacted` to
+/// become 410 Gone), so the message is etcd's alone and what we know beyond it rides in the
+/// `kmetal-error-detail` metadata. Errors etcd has no name for keep their detail in the text.
 pub(crate) fn status(e: DatastoreError) -> Status {
     let (code, msg) = match &e {
         DatastoreError::RequestTooLarge { .. } => {
@@ -72,9 +79,14 @@ pub(crate) fn status(e: DatastoreError) -> Status {
             "etcdserver: mvcc: database space exceeded",
         ),
         DatastoreError::Unavailable { .. } => (Code::Unavailable, "etcdserver: request timed out"),
-        _ => (Code::Internal, "etcdserver: backend failure"),
+        _ => return Status::new(Code::Internal, format!("etcdserver: backend failure ({e})")),
     };
-    Status::new(code, format!("{msg} ({e})"))
+    let mut status = Status::new(code, msg);
+    // Metadata values are visible ASCII; a detail that is not stays out.
+    if let Ok(detail) = e.to_string().parse() {
+        status.metadata_mut().insert(DETAIL_KEY, detail);
+    }
+    status
 }
 
 pub(crate) fn kv_to_pb(kv: KeyValue) -> PbKeyValue {
@@ -270,5 +282,29 @@ pub(crate) fn event_to_pb(e: Event) -> PbEvent {
         },
         kv: Some(kv_to_pb(e.kv)),
         prev_kv: e.prev_kv.map(kv_to_pb),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_errors_carry_etcds_exact_message_and_our_detail() {
+        let s = status(DatastoreError::Compacted {
+            requested: 3,
+            compacted: 4,
+        });
+        assert_eq!(s.code(), Code::OutOfRange);
+        // etcd's client maps exactly this text to rpctypes.ErrCompacted.
+        assert_eq!(
+            s.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+        let detail = s.metadata().get(DETAIL_KEY).and_then(|v| v.to_str().ok());
+        assert_eq!(
+            detail,
+            Some("required revision 3 has been compacted (compacted up to 4)")
+        );
     }
 }

@@ -39,7 +39,8 @@ use crate::model::{
     WatchBatch, WatchRequest,
 };
 use crate::sqllog::{
-    HubMsg, Meta, Unregister, Watcher, bounds, deliver, next_watch_id, spawn_auto_compaction,
+    HubMsg, Meta, ProgressClock, Unregister, Watcher, bounds, deliver, next_watch_id,
+    spawn_auto_compaction,
 };
 use crate::store::{Datastore, WatchStream};
 
@@ -64,6 +65,9 @@ pub struct PgConfig {
     /// compactor does the same every 5 minutes through the gateway; this covers clients that
     /// never compact).
     pub auto_compact: Option<(Duration, i64)>,
+    /// How long a watch that asked for progress notifications may stay idle before it gets
+    /// one (etcd's `--watch-progress-notify-interval`, 10 minutes by default).
+    pub progress_interval: Duration,
 }
 
 impl PgConfig {
@@ -78,7 +82,14 @@ impl PgConfig {
             compaction_batch: 1000,
             tls: None,
             auto_compact: None,
+            progress_interval: crate::model::DEFAULT_PROGRESS_INTERVAL,
         }
+    }
+
+    /// The same with another watch progress notification interval.
+    pub fn with_progress_interval(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval;
+        self
     }
 }
 
@@ -360,7 +371,13 @@ impl PgStore {
         let (wtx, wrx) = mpsc::channel(4096);
         let (htx, hrx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(writer_task(pool.clone(), wrx));
-        let hub = tokio::spawn(hub_task(pg, tls, pool.clone(), hrx));
+        let hub = tokio::spawn(hub_task(
+            pg,
+            tls,
+            pool.clone(),
+            hrx,
+            ProgressClock::new(cfg.progress_interval),
+        ));
         let mut inner = Inner {
             pool,
             counts: CountCache::default(),
@@ -918,10 +935,11 @@ async fn hub_task(
     tls: Option<tls::RustlsConnect>,
     pool: Pool,
     mut rx: mpsc::UnboundedReceiver<HubMsg>,
+    mut progress: ProgressClock,
 ) {
     let mut watchers: HashMap<u64, Watcher> = HashMap::new();
     let mut last: Option<Revision> = None;
-    let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut progress_tick = tokio::time::interval(progress.tick());
     loop {
         // A dedicated connection for LISTEN, also used for the hub's reads (no pool waits on
         // the watch path). Notifications carry the committed revision.
@@ -1016,16 +1034,18 @@ async fn hub_task(
                         last = Some(now);
                     } else if hint.is_none() {
                         last = Some(from);
-                        // Idle: progress notifications for those who asked.
-                        watchers.retain(|_, w| {
-                            !w.progress
-                                || w.tx
-                                    .send(Ok(WatchBatch {
-                                        revision: from,
-                                        events: Vec::new(),
-                                    }))
-                                    .is_ok()
-                        });
+                        // Idle: progress notifications for those who asked, once per interval.
+                        if progress.due() {
+                            watchers.retain(|_, w| {
+                                !w.progress
+                                    || w.tx
+                                        .send(Ok(WatchBatch {
+                                            revision: from,
+                                            events: Vec::new(),
+                                        }))
+                                        .is_ok()
+                            });
+                        }
                     }
                 }
                 Some(_) => {
