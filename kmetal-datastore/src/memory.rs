@@ -755,6 +755,11 @@ impl Datastore for MemoryStore {
         Ok(ids)
     }
 
+    /// Writes hand their events to every watch before they return.
+    async fn watch_dispatched(&self) -> Option<Revision> {
+        Some(lock(&self.shared).revision)
+    }
+
     async fn status(&self) -> Result<Status> {
         let s = self.state();
         Ok(Status {

@@ -132,6 +132,9 @@ impl Datastore for MigratableStore {
     async fn leases(&self) -> Result<Vec<LeaseId>> {
         self.backend().await.leases().await
     }
+    async fn watch_dispatched(&self) -> Option<Revision> {
+        self.backend().await.watch_dispatched().await
+    }
     async fn status(&self) -> Result<Status> {
         self.backend().await.status().await
     }

@@ -47,7 +47,7 @@ use crate::model::{
     WatchBatch, WatchRequest,
 };
 use crate::sqllog::{
-    HubMsg, Meta, ProgressClock, Unregister, Watcher, bounds, deliver, next_watch_id,
+    Dispatched, HubMsg, Meta, ProgressClock, Unregister, Watcher, bounds, deliver, next_watch_id,
     spawn_auto_compaction,
 };
 use crate::store::{Datastore, WatchStream};
@@ -169,6 +169,7 @@ struct Inner {
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<Connection>>>,
     hub: mpsc::UnboundedSender<HubMsg>,
+    dispatched: Dispatched,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -702,6 +703,7 @@ async fn hub_task(
     mut rx: mpsc::UnboundedReceiver<HubMsg>,
     mut committed: watch::Receiver<Revision>,
     mut progress: ProgressClock,
+    dispatched: Dispatched,
 ) {
     let mut watchers: HashMap<u64, Watcher> = HashMap::new();
     let mut last: Revision = with_reader(&pool, &path, current_revision)
@@ -759,6 +761,7 @@ async fn hub_task(
             };
             watchers.retain(|_, w| deliver(w, &ev, now));
             last = now;
+            dispatched.set(last);
         } else if idle_tick && progress.due() {
             watchers.retain(|_, w| {
                 !w.progress
@@ -845,12 +848,14 @@ impl SqliteStore {
             .map_err(db)?;
         let pool: Pool = Arc::new(Mutex::new(Vec::new()));
         let (htx, hrx) = mpsc::unbounded_channel();
+        let dispatched = Dispatched::default();
         let hub = tokio::spawn(hub_task(
             pool.clone(),
             cfg.path.clone(),
             hrx,
             committed_rx,
             ProgressClock::new(cfg.progress_interval),
+            dispatched.clone(),
         ));
         let sweeper = tokio::spawn(sweeper_task(
             pool.clone(),
@@ -865,6 +870,7 @@ impl SqliteStore {
                 writer: wtx,
                 readers: pool,
                 hub: htx,
+                dispatched,
                 tasks: vec![hub.abort_handle(), sweeper.abort_handle()],
             }),
         };
@@ -1108,6 +1114,10 @@ impl Datastore for SqliteStore {
                 .collect()
         })
         .await
+    }
+
+    async fn watch_dispatched(&self) -> Option<Revision> {
+        Some(self.inner.dispatched.get())
     }
 
     async fn status(&self) -> Result<Status> {

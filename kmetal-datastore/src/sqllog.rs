@@ -41,6 +41,23 @@ impl ProgressClock {
     }
 }
 
+/// The revision up to which a watch hub has handed every registered watch its events
+/// (shared between the hub task, which advances it after each delivery, and the store,
+/// which answers [`Datastore::watch_dispatched`](crate::Datastore::watch_dispatched)).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Dispatched(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl Dispatched {
+    pub(crate) fn set(&self, revision: Revision) {
+        self.0
+            .fetch_max(revision, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(crate) fn get(&self) -> Revision {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The `kmetal_meta` row a writer holds while applying a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Meta {

@@ -40,6 +40,14 @@ pub trait Datastore: Send + Sync {
     async fn leases(&self) -> Result<Vec<LeaseId>>;
     /// Current revision, compaction revision and size.
     async fn status(&self) -> Result<Status>;
+    /// The revision up to which every open watch of this store has been handed its events
+    /// (a watch whose range saw none has nothing pending below it), so a watch progress
+    /// notification at that revision is true for every watch once each has drained what it
+    /// was handed. `None` when the driver cannot tell (a real etcd keeps that knowledge to
+    /// itself); the gateway then answers progress requests with the current revision.
+    async fn watch_dispatched(&self) -> Option<Revision> {
+        None
+    }
 }
 
 /// A stream of watch batches. Dropping it cancels the watch.
@@ -69,5 +77,10 @@ impl WatchStream {
     /// The next batch; `None` when the watch ended (store dropped); an error ends it too.
     pub async fn next(&mut self) -> Option<Result<WatchBatch>> {
         self.rx.recv().await
+    }
+
+    /// The next batch if one is already waiting (never waits).
+    pub fn try_next(&mut self) -> Option<Result<WatchBatch>> {
+        self.rx.try_recv().ok()
     }
 }

@@ -21,7 +21,7 @@ use etcd_client::proto::{
     PbSnapshotRequest, PbSnapshotResponse, PbStatusRequest, PbStatusResponse, PbTxnRequest,
     PbTxnResponse, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -152,7 +152,8 @@ impl PbWatchService for Backend {
     type WatchStream = Stream_<PbWatchResponse>;
 
     /// Several watches multiplexed on one stream: each create gets its own forwarding task;
-    /// cancel ends it; progress requests answer at once with the current revision.
+    /// cancel ends it; a progress request is answered once every watch of this stream has
+    /// passed on what the store handed it up to the answer's revision (see [`progress`]).
     async fn watch(
         &self,
         req: Request<Streaming<PbWatchRequest>>,
@@ -161,7 +162,7 @@ impl PbWatchService for Backend {
         let (tx, rx) = mpsc::unbounded_channel::<Result<PbWatchResponse, Status>>();
         let backend = self.clone();
         tokio::spawn(async move {
-            let mut watches: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
+            let mut watches: HashMap<i64, Forwarder> = HashMap::new();
             let mut next_id = 0i64;
             while let Ok(Some(msg)) = incoming.message().await {
                 match msg.request_union {
@@ -177,12 +178,20 @@ impl PbWatchService for Backend {
                             no_delete: c.filters.contains(&1),
                             progress_notify: c.progress_notify,
                         };
-                        let task = tokio::spawn(forward(backend.clone(), id, wreq, tx.clone()));
-                        watches.insert(id, task);
+                        let (drain_tx, drain_rx) = mpsc::unbounded_channel();
+                        let task =
+                            tokio::spawn(forward(backend.clone(), id, wreq, tx.clone(), drain_rx));
+                        watches.insert(
+                            id,
+                            Forwarder {
+                                task,
+                                drain: drain_tx,
+                            },
+                        );
                     }
                     Some(PbWatchRequestUnion::CancelRequest(c)) => {
-                        if let Some(task) = watches.remove(&c.watch_id) {
-                            task.abort();
+                        if let Some(f) = watches.remove(&c.watch_id) {
+                            f.task.abort();
                         }
                         let rev = backend
                             .store
@@ -198,36 +207,101 @@ impl PbWatchService for Backend {
                         }));
                     }
                     Some(PbWatchRequestUnion::ProgressRequest(_)) => {
-                        let rev = backend
-                            .store
-                            .status()
-                            .await
-                            .map(|s| s.revision)
-                            .unwrap_or(0);
-                        // etcd answers progress requests on watch id -1.
-                        let _ = tx.send(Ok(PbWatchResponse {
-                            header: backend.id.header(rev),
-                            watch_id: -1,
-                            ..PbWatchResponse::default()
-                        }));
+                        let drains = watches.values().map(|f| f.drain.clone()).collect();
+                        tokio::spawn(progress(backend.clone(), drains, tx.clone()));
                     }
                     None => {}
                 }
             }
-            for (_, t) in watches {
-                t.abort();
+            for (_, f) in watches {
+                f.task.abort();
             }
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 }
 
-/// Runs one watch: `created`, then its events (or a cancel with the compaction revision).
+/// One watch's forwarding task and the way to ask it to pass on what it has been handed.
+struct Forwarder {
+    task: tokio::task::JoinHandle<()>,
+    drain: mpsc::UnboundedSender<oneshot::Sender<()>>,
+}
+
+/// How long a progress answer waits for the store's watch hub to catch up with the current
+/// revision before answering anyway (a hub that lags that long is broken, and its watches
+/// end with an error of their own).
+const PROGRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers a progress request on watch id -1 (as etcd does) with revision R only once every
+/// event at or below R has gone out on this stream: R is the store's current revision, the
+/// answer waits until the store's watch hub has handed every watch its events up to R
+/// ([`Datastore::watch_dispatched`]), then each of this stream's forwarders passes on what it
+/// holds. kube-apiserver's watch cache trusts such an answer for consistent reads: sent any
+/// earlier, a read served from the cache could miss the last write.
+async fn progress(
+    backend: Backend,
+    drains: Vec<mpsc::UnboundedSender<oneshot::Sender<()>>>,
+    tx: mpsc::UnboundedSender<Result<PbWatchResponse, Status>>,
+) {
+    let rev = backend
+        .store
+        .status()
+        .await
+        .map(|s| s.revision)
+        .unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + PROGRESS_WAIT;
+    while let Some(d) = backend.store.watch_dispatched().await {
+        if d >= rev || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    for drain in drains {
+        let (done, drained) = oneshot::channel();
+        // A forwarder that has ended has nothing left to pass on.
+        if drain.send(done).is_ok() {
+            let _ = tokio::time::timeout(PROGRESS_WAIT, drained).await;
+        }
+    }
+    let _ = tx.send(Ok(PbWatchResponse {
+        header: backend.id.header(rev),
+        watch_id: -1,
+        ..PbWatchResponse::default()
+    }));
+}
+
+/// One store batch as a watch response, or the cancel that ends the watch.
+fn batch_response(
+    backend: &Backend,
+    id: i64,
+    rev: i64,
+    item: Result<crate::model::WatchBatch, DatastoreError>,
+) -> PbWatchResponse {
+    match item {
+        Ok(batch) => PbWatchResponse {
+            header: backend.id.header(batch.revision),
+            watch_id: id,
+            events: batch.events.into_iter().map(convert::event_to_pb).collect(),
+            ..PbWatchResponse::default()
+        },
+        Err(e) => PbWatchResponse {
+            header: backend.id.header(rev),
+            watch_id: id,
+            canceled: true,
+            cancel_reason: status(e).message().to_string(),
+            ..PbWatchResponse::default()
+        },
+    }
+}
+
+/// Runs one watch: `created`, then its events (or a cancel with the compaction revision);
+/// on a drain request, passes on every batch already handed to it, then acknowledges.
 async fn forward(
     backend: Backend,
     id: i64,
     req: WatchRequest,
     tx: mpsc::UnboundedSender<Result<PbWatchResponse, Status>>,
+    mut drains: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     let rev = backend
         .store
@@ -268,25 +342,26 @@ async fn forward(
             return;
         }
     };
-    while let Some(item) = stream.next().await {
-        let resp = match item {
-            Ok(batch) => PbWatchResponse {
-                header: backend.id.header(batch.revision),
-                watch_id: id,
-                events: batch.events.into_iter().map(convert::event_to_pb).collect(),
-                ..PbWatchResponse::default()
-            },
-            Err(e) => PbWatchResponse {
-                header: backend.id.header(rev),
-                watch_id: id,
-                canceled: true,
-                cancel_reason: status(e).message().to_string(),
-                ..PbWatchResponse::default()
-            },
-        };
-        let end = resp.canceled;
-        if tx.send(Ok(resp)).is_err() || end {
-            return;
+    loop {
+        tokio::select! {
+            item = stream.next() => {
+                let Some(item) = item else { return };
+                let resp = batch_response(&backend, id, rev, item);
+                let end = resp.canceled;
+                if tx.send(Ok(resp)).is_err() || end {
+                    return;
+                }
+            }
+            Some(done) = drains.recv() => {
+                while let Some(item) = stream.try_next() {
+                    let resp = batch_response(&backend, id, rev, item);
+                    let end = resp.canceled;
+                    if tx.send(Ok(resp)).is_err() || end {
+                        return;
+                    }
+                }
+                let _ = done.send(());
+            }
         }
     }
 }

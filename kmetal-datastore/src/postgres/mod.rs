@@ -39,7 +39,7 @@ use crate::model::{
     WatchBatch, WatchRequest,
 };
 use crate::sqllog::{
-    HubMsg, Meta, ProgressClock, Unregister, Watcher, bounds, deliver, next_watch_id,
+    Dispatched, HubMsg, Meta, ProgressClock, Unregister, Watcher, bounds, deliver, next_watch_id,
     spawn_auto_compaction,
 };
 use crate::store::{Datastore, WatchStream};
@@ -150,6 +150,7 @@ struct Inner {
     counts: CountCache,
     writer: mpsc::Sender<Job>,
     hub: mpsc::UnboundedSender<HubMsg>,
+    dispatched: Dispatched,
     cfg: PgConfig,
     tasks: Vec<tokio::task::AbortHandle>,
 }
@@ -371,18 +372,21 @@ impl PgStore {
         let (wtx, wrx) = mpsc::channel(4096);
         let (htx, hrx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(writer_task(pool.clone(), wrx));
+        let dispatched = Dispatched::default();
         let hub = tokio::spawn(hub_task(
             pg,
             tls,
             pool.clone(),
             hrx,
             ProgressClock::new(cfg.progress_interval),
+            dispatched.clone(),
         ));
         let mut inner = Inner {
             pool,
             counts: CountCache::default(),
             writer: wtx,
             hub: htx,
+            dispatched,
             cfg,
             tasks: vec![writer.abort_handle(), hub.abort_handle()],
         };
@@ -936,6 +940,7 @@ async fn hub_task(
     pool: Pool,
     mut rx: mpsc::UnboundedReceiver<HubMsg>,
     mut progress: ProgressClock,
+    dispatched: Dispatched,
 ) {
     let mut watchers: HashMap<u64, Watcher> = HashMap::new();
     let mut last: Option<Revision> = None;
@@ -1000,6 +1005,7 @@ async fn hub_task(
                             w.next = w.next.max(upto + 1);
                         }
                         last = Some(upto);
+                        dispatched.set(upto);
                         watchers.insert(id, w);
                     }
                 },
@@ -1032,8 +1038,10 @@ async fn hub_task(
                         };
                         watchers.retain(|_, w| deliver(w, &ev, now));
                         last = Some(now);
+                        dispatched.set(now);
                     } else if hint.is_none() {
                         last = Some(from);
+                        dispatched.set(from);
                         // Idle: progress notifications for those who asked, once per interval.
                         if progress.due() {
                             watchers.retain(|_, w| {
@@ -1050,6 +1058,10 @@ async fn hub_task(
                 }
                 Some(_) => {
                     last = current(client, &pool).await.ok().or(last);
+                    // No watch is registered: none has anything pending.
+                    if let Some(l) = last {
+                        dispatched.set(l);
+                    }
                 }
                 None => {}
             }
@@ -1361,6 +1373,10 @@ impl Datastore for PgStore {
             .await
             .map_err(db)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn watch_dispatched(&self) -> Option<Revision> {
+        Some(self.inner.dispatched.get())
     }
 
     async fn status(&self) -> Result<Status> {
