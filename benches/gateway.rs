@@ -9,29 +9,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{fill_n, list_n, put_throughput, watch_latency};
-use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
-use kmetal::datastore::gateway::Gateway;
+use common::{etcd_client, fill_n, gateway, list_n, put_throughput, watch_latency};
 use kmetal::datastore::postgres::{PgConfig, PgStore};
 use kmetal::datastore::{Datastore, MemoryStore};
 use kmetal_testkit::{EtcdCluster, EtcdOptions, PostgresOptions, PostgresServer};
 
 const KEYS: usize = 20_000;
-
-async fn client(endpoint: String) -> Arc<dyn Datastore> {
-    let cfg = EtcdConfig::new([endpoint]).with_request_timeout(Duration::from_secs(30));
-    Arc::new(EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap())
-}
-
-/// Serves `store` on a loopback listener bound before the gateway runs; the endpoint.
-async fn gateway(store: Arc<dyn Datastore>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(Gateway::new(store).serve_on(listener, None, std::future::pending()));
-    format!("http://127.0.0.1:{port}")
-}
 
 fn main() {
     let quick = common::quick();
@@ -40,14 +24,14 @@ fn main() {
         let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
         let pg = PostgresServer::start(PostgresOptions::default()).unwrap();
         pg.create_database("gw").await.unwrap();
-        let direct = client(etcd.endpoint(0).unwrap()).await;
-        let on_memory = client(gateway(Arc::new(MemoryStore::new())).await).await;
+        let direct = etcd_client(etcd.endpoint(0).unwrap()).await;
+        let on_memory = etcd_client(gateway(Arc::new(MemoryStore::new())).await).await;
         let pg_store: Arc<dyn Datastore> = Arc::new(
             PgStore::connect(PgConfig::new(pg.conninfo("gw")))
                 .await
                 .unwrap(),
         );
-        let on_pg = client(gateway(pg_store).await).await;
+        let on_pg = etcd_client(gateway(pg_store).await).await;
         let subjects = [
             ("etcd", &direct),
             ("gateway+memory", &on_memory),

@@ -13,30 +13,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{create_throughput, fill_n, list_n, watch_latency};
+use common::{create_throughput, etcd_client, fill_n, gateway, list_n, watch_latency};
 use kmetal::datastore::Datastore;
-use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
-use kmetal::datastore::gateway::Gateway;
 use kmetal::datastore::postgres::{PgConfig, PgStore};
 use kmetal::datastore::sqlite::{SqliteConfig, SqliteStore};
 use kmetal_testkit::{
     EtcdCluster, EtcdOptions, EtcdRelease, Kine, KineBackend, PostgresOptions, PostgresServer,
 };
-
-async fn client(endpoint: String) -> Arc<dyn Datastore> {
-    let cfg = EtcdConfig::new([endpoint]).with_request_timeout(Duration::from_secs(30));
-    Arc::new(EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap())
-}
-
-/// Serves `store` on a loopback listener bound before the gateway runs; the endpoint.
-async fn gateway(store: Arc<dyn Datastore>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(Gateway::new(store).serve_on(listener, None, std::future::pending()));
-    format!("http://127.0.0.1:{port}")
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -67,11 +51,11 @@ fn main() {
         let kine_pg = Kine::start(KineBackend::Postgres(pg.url("kine"))).await.unwrap();
         let kine_sqlite = Kine::start(KineBackend::Sqlite).await.unwrap();
         let subjects: Vec<(&str, Arc<dyn Datastore>)> = vec![
-            ("etcd 3.6", client(etcd.endpoint(0).unwrap()).await),
-            ("kmetal PostgreSQL", client(gateway(kmetal_pg).await).await),
-            ("kine PostgreSQL", client(kine_pg.endpoint()).await),
-            ("kmetal SQLite", client(gateway(kmetal_sqlite).await).await),
-            ("kine SQLite", client(kine_sqlite.endpoint()).await),
+            ("etcd 3.6", etcd_client(etcd.endpoint(0).unwrap()).await),
+            ("kmetal PostgreSQL", etcd_client(gateway(kmetal_pg).await).await),
+            ("kine PostgreSQL", etcd_client(kine_pg.endpoint()).await),
+            ("kmetal SQLite", etcd_client(gateway(kmetal_sqlite).await).await),
+            ("kine SQLite", etcd_client(kine_sqlite.endpoint()).await),
         ];
         // Pairs compared: (ours, kine) on each database.
         let pairs = [(1, 2), (3, 4)];

@@ -67,6 +67,27 @@ pub fn criterion_dir() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/criterion")
 }
 
+/// The client every gateway and peer benchmark measures through: etcd-client, behind our
+/// etcd driver (dedicated keyspace, 30 s deadline).
+pub async fn etcd_client(endpoint: String) -> Arc<dyn Datastore> {
+    use kmetal::datastore::etcd::{EtcdConfig, EtcdStore, Keyspace};
+    let cfg = EtcdConfig::new([endpoint]).with_request_timeout(Duration::from_secs(30));
+    Arc::new(EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap())
+}
+
+/// Serves `store` through the etcd v3 gateway on a loopback listener bound before the
+/// gateway runs; returns the endpoint.
+pub async fn gateway(store: Arc<dyn Datastore>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(kmetal::datastore::gateway::Gateway::new(store).serve_on(
+        listener,
+        None,
+        std::future::pending(),
+    ));
+    format!("http://127.0.0.1:{port}")
+}
+
 /// Concurrent writers in the put benchmarks.
 pub const WRITERS: usize = 32;
 /// Keys in the list benchmarks.

@@ -193,12 +193,7 @@ impl PbWatchService for Backend {
                         if let Some(f) = watches.remove(&c.watch_id) {
                             f.task.abort();
                         }
-                        let rev = backend
-                            .store
-                            .status()
-                            .await
-                            .map(|s| s.revision)
-                            .unwrap_or(0);
+                        let rev = backend.revision().await;
                         let _ = tx.send(Ok(PbWatchResponse {
                             header: backend.id.header(rev),
                             watch_id: c.watch_id,
@@ -243,12 +238,7 @@ async fn progress(
     drains: Vec<mpsc::UnboundedSender<oneshot::Sender<()>>>,
     tx: mpsc::UnboundedSender<Result<PbWatchResponse, Status>>,
 ) {
-    let rev = backend
-        .store
-        .status()
-        .await
-        .map(|s| s.revision)
-        .unwrap_or(0);
+    let rev = backend.revision().await;
     let deadline = tokio::time::Instant::now() + PROGRESS_WAIT;
     while let Some(d) = backend.store.watch_dispatched().await {
         if d >= rev || tokio::time::Instant::now() > deadline {
@@ -303,12 +293,7 @@ async fn forward(
     tx: mpsc::UnboundedSender<Result<PbWatchResponse, Status>>,
     mut drains: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
-    let rev = backend
-        .store
-        .status()
-        .await
-        .map(|s| s.revision)
-        .unwrap_or(0);
+    let rev = backend.revision().await;
     let created = PbWatchResponse {
         header: backend.id.header(rev),
         watch_id: id,
@@ -417,12 +402,7 @@ impl PbLeaseService for Backend {
                         return;
                     }
                 };
-                let rev = backend
-                    .store
-                    .status()
-                    .await
-                    .map(|s| s.revision)
-                    .unwrap_or(0);
+                let rev = backend.revision().await;
                 if tx
                     .send(Ok(PbLeaseKeepAliveResponse {
                         header: backend.id.header(rev),
