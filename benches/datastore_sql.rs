@@ -34,7 +34,7 @@ fn main() {
                 .unwrap(),
         );
         let mut cfg = PgConfig::new(pg.conninfo("bench"));
-        cfg.request_timeout = Duration::from_secs(30);
+        cfg.log.request_timeout = Duration::from_secs(30);
         let pg_store: Arc<dyn Datastore> = Arc::new(PgStore::connect(cfg.clone()).await.unwrap());
         let pg_other: Arc<dyn Datastore> = Arc::new(PgStore::connect(cfg).await.unwrap());
 

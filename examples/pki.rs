@@ -93,12 +93,7 @@ enum Command {
 }
 
 fn fail(e: &PkiError) -> u8 {
-    eprintln!("error: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        eprintln!("  caused by: {s}");
-        source = s.source();
-    }
+    eprintln!("error: {}", kmetal::Report(e));
     2
 }
 

@@ -128,7 +128,7 @@ const BUNDLED: [&str; 4] = ["pattern-a", "pattern-b", "pattern-c", "two-zone"];
 
 fn load(file: &Path) -> Result<Topology, u8> {
     Topology::from_file(file).map_err(|e| {
-        eprintln!("{}: {e}", file.display());
+        eprintln!("{}: {}", file.display(), kmetal::Report(&e));
         2
     })
 }

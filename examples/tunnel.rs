@@ -85,29 +85,29 @@ enum Command {
 /// Why the example failed.
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Pki(#[from] kmetal_pki::PkiError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Read {
         file: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("--proxy-strategies: {0}")]
+    #[error("--proxy-strategies")]
     Strategy(#[from] kmetal_tunnel::server::StrategyError),
     #[error("--identity {value:?}: {reason}")]
     Identity { value: String, reason: String },
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Serve(#[from] kmetal_tunnel::ServerError),
-    #[error("{0}")]
+    #[error(transparent)]
     Agent(#[from] kmetal_tunnel::AgentError),
 }
 
@@ -285,7 +285,7 @@ async fn main() -> ExitCode {
             match Strategy::parse_list(&proxy_strategies) {
                 Ok(s) => config.strategies = s,
                 Err(e) => {
-                    eprintln!("error: {}", Error::from(e));
+                    eprintln!("error: {}", kmetal::Report(&Error::from(e)));
                     return ExitCode::from(2);
                 }
             }
@@ -303,7 +303,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", kmetal::Report(&e));
             ExitCode::FAILURE
         }
     }

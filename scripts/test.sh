@@ -15,6 +15,7 @@ test_packages=(
   openssl                   # the PKI tests read our certificates with it
   iproute2 curl python3     # the tunnel's network-namespace test: ip netns, curl, a page server
   util-linux                # setpriv --pdeathsig: test servers die with the test process
+  e2fsprogs                 # chattr +i: an SQLite file even root cannot write
 )
 WHY="the tests start real etcd and PostgreSQL servers and drive them with real tools" \
   ensure_packages "${test_packages[@]}"

@@ -8,6 +8,9 @@
 //! - [`pki`] (`kmetal-pki`): per-tenant certificate authorities and kubeconfigs.
 //! - [`tunnel`] (`kmetal-tunnel`): the Konnectivity-compatible reverse tunnel.
 //!
+//! - [`Report`]: an error with its whole cause chain on one line, for programs that print
+//!   errors (each error type shows its own step only; its cause is its `source()`).
+//!
 //! The runnable compositions live in `examples/` (operator, simulator, etcd gateway, pki,
 //! tunnel).
 
@@ -16,6 +19,28 @@ pub use kmetal_datastore as datastore;
 pub use kmetal_pki as pki;
 pub use kmetal_topology as topology;
 pub use kmetal_tunnel as tunnel;
+
+/// Displays an error and every cause below it: `step: cause: cause`.
+///
+/// ```
+/// let io = std::io::Error::other("disk on fire");
+/// let e = kmetal::datastore::DatastoreError::unavailable(io);
+/// assert_eq!(kmetal::Report(&e).to_string(), "datastore unavailable: disk on fire");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
 
 /// The README's code blocks, compiled as doctests so they cannot rot.
 #[doc = include_str!("../README.md")]

@@ -38,13 +38,13 @@ pub enum DriverError {
     },
     #[error("dataStore {name}: {field}: content is not base64")]
     Content { name: String, field: &'static str },
-    #[error("dataStore {name}: {source}")]
+    #[error("dataStore {name}")]
     Provision {
         name: String,
         #[source]
         source: ProvisionError,
     },
-    #[error("dataStore {name}: opening the tenant's slice: {source}")]
+    #[error("dataStore {name}: opening the tenant's slice")]
     Open {
         name: String,
         #[source]

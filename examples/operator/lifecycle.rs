@@ -14,7 +14,7 @@ pub const ROTATE_CA: &str = "kmetal.io/rotate-ca";
 pub fn check_upgrade(running: &str, want: &str) -> Result<(), String> {
     let parse = |s: &str| {
         s.parse::<KubernetesVersion>()
-            .map_err(|e| format!("version {s:?}: {e}"))
+            .map_err(|e| format!("version {s:?}: {}", kmetal::Report(&e)))
     };
     match parse(running)?.upgrade_to(&parse(want)?) {
         UpgradeStep::None | UpgradeStep::Allowed => Ok(()),
@@ -35,25 +35,31 @@ pub fn certificates(
     let mut changed = false;
     match rotation {
         Some("prepare") if !bundle.rotation_in_progress() => {
-            bundle.rotate_prepare(now).map_err(|e| e.to_string())?;
+            bundle
+                .rotate_prepare(now)
+                .map_err(|e| kmetal::Report(&e).to_string())?;
             changed = true;
         }
         Some("finalize") if bundle.rotation_in_progress() => {
-            bundle.rotate_finalize().map_err(|e| e.to_string())?;
+            bundle
+                .rotate_finalize()
+                .map_err(|e| kmetal::Report(&e).to_string())?;
             changed = true;
         }
         _ => {}
     }
     let due = bundle
         .due_for_renewal(policy, now)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| kmetal::Report(&e).to_string())?;
     let leaves: Vec<&str> = due
         .iter()
         .map(String::as_str)
         .filter(|n| !n.ends_with("ca") && *n != "sa")
         .collect();
     if !leaves.is_empty() {
-        bundle.renew(&leaves, now).map_err(|e| e.to_string())?;
+        bundle
+            .renew(&leaves, now)
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         changed = true;
     }
     Ok(changed)

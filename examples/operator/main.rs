@@ -26,6 +26,7 @@ mod leader;
 mod lifecycle;
 mod migration;
 mod observe;
+mod phases;
 mod reconcile;
 mod run;
 mod runtime;
@@ -120,7 +121,7 @@ fn read_documents(file: &Path) -> Result<Vec<kmetal::core::Document>, String> {
             column,
             source,
         } => format!("{shown}:{line}:{column}: cannot parse: {source}"),
-        e => format!("{shown}: {e}"),
+        e => format!("{shown}: {}", kmetal::Report(&e)),
     })
 }
 
@@ -157,11 +158,13 @@ fn validate_file(file: &Path) -> u8 {
 }
 
 pub(crate) async fn open_store(state: &str) -> Result<Store, String> {
-    let url: DatastoreUrl = state.parse().map_err(|e| format!("--state {e}"))?;
+    let url: DatastoreUrl = state
+        .parse()
+        .map_err(|e| format!("--state {}", kmetal::Report(&e)))?;
     let ds = url
         .open()
         .await
-        .map_err(|e| format!("management store {url}: {e}"))?;
+        .map_err(|e| format!("management store {url}: {}", kmetal::Report(&e)))?;
     Ok(Store::new(ds))
 }
 
@@ -226,7 +229,7 @@ pub(crate) async fn apply_files(store: &Store, files: &[PathBuf]) -> Result<u8, 
                 ),
                 Err(e) => {
                     worst = worst.max(1);
-                    eprintln!("{}: {label}: {e}", file.display());
+                    eprintln!("{}: {label}: {}", file.display(), kmetal::Report(&e));
                 }
             }
         }
@@ -265,7 +268,10 @@ async fn get(
     };
     let mut objects = Vec::new();
     for kind in kinds {
-        let (list, _) = store.list(kind).await.map_err(|e| e.to_string())?;
+        let (list, _) = store
+            .list(kind)
+            .await
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         objects.extend(list.into_iter().filter(|s| {
             name.as_deref().is_none_or(|n| s.key.name == n)
                 && namespace
@@ -288,14 +294,14 @@ async fn get(
             };
             out!(
                 "{}",
-                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                serde_json::to_string_pretty(&v).map_err(|e| kmetal::Report(&e).to_string())?
             );
         }
         Output::Yaml => {
             for s in &objects {
                 out!(
                     "---\n{}",
-                    serde_saphyr::to_string(&s.value).map_err(|e| e.to_string())?
+                    serde_saphyr::to_string(&s.value).map_err(|e| kmetal::Report(&e).to_string())?
                 );
             }
         }
@@ -309,7 +315,11 @@ async fn delete(what: String, namespace: Option<String>, state: String) -> Resul
     let (kind, name) = parse_what(&what, namespace.as_deref())?;
     let name = name.ok_or_else(|| format!("{what:?}: expected KIND/NAME"))?;
     let key = ObjectKey::new(kind, namespace.as_deref(), &name);
-    if store.delete(&key).await.map_err(|e| e.to_string())? {
+    if store
+        .delete(&key)
+        .await
+        .map_err(|e| kmetal::Report(&e).to_string())?
+    {
         out!("{} deleted", key.display());
         Ok(0)
     } else {

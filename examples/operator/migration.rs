@@ -18,7 +18,7 @@ pub enum MigrationError {
     Store(#[from] crate::store::StoreError),
     #[error("no slice recorded for the tenant")]
     NoSlice,
-    #[error("copying: {0}")]
+    #[error("copying")]
     Copy(#[from] kmetal::datastore::migrate::MigrationError),
 }
 

@@ -180,10 +180,12 @@ pub async fn serve(
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("--listen {listen}: {e}"))?;
+        .map_err(|e| format!("--listen {listen}: {}", kmetal::Report(&e)))?;
     eprintln!(
         "serving /metrics, /healthz, /readyz on http://{}",
-        listener.local_addr().map_err(|e| e.to_string())?
+        listener
+            .local_addr()
+            .map_err(|e| kmetal::Report(&e).to_string())?
     );
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {

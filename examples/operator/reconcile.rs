@@ -1,7 +1,8 @@
-//! Reconciling one TenantControlPlane, level-based and idempotent: validate → place the
-//! control-plane replicas (kmetal-topology) → provision the datastore slice → issue the PKI
-//! (Secrets in the management store) → start the tenant's Konnectivity server (in process)
-//! → status. Every failure lands in a status condition; deletion runs the finalizer.
+//! Reconciling one TenantControlPlane, level-based and idempotent: the [`Reconciler`], its
+//! per-tenant runtimes (datastore endpoint, Konnectivity server) and the finalizer. The
+//! phases of one pass (validate → place → datastore → certificates → endpoint → migration →
+//! Konnectivity → version → ready) live in `phases.rs`; every failure lands in a status
+//! condition; deletion runs the finalizer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use kmetal::core::meta::ConditionStatus;
-use kmetal::core::tenant::{
-    CertificateStatus, ReplicaPlacement, StorageSetup, StorageStatus, TenantControlPlaneStatus,
-};
+use kmetal::core::tenant::{ReplicaPlacement, TenantControlPlaneStatus};
 use kmetal::core::{Condition, DataStore, Phase, TenantControlPlane};
 use kmetal::datastore::gateway::{Gateway as DatastoreGateway, GatewayTls};
 use kmetal::datastore::migrate::MigratableStore;
@@ -25,6 +24,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::drivers::{Driver, DriverError, SliceConfig, datastore_identity};
+use crate::phases::{Halt, Pass};
 use crate::store::{FINALIZER, Kind, ObjectKey, Store, StoreError, now_rfc3339};
 
 /// Operator-wide settings.
@@ -76,11 +76,11 @@ impl Drop for Tunnel {
 
 /// A tenant's etcd endpoint: the gateway serving its slice through a store that a
 /// migration can switch underneath it.
-struct Endpoint {
+pub(crate) struct Endpoint {
     addr: SocketAddr,
     live: Arc<MigratableStore>,
     /// The DataStore the live store's backend belongs to.
-    data_store: String,
+    pub(crate) data_store: String,
     stop: watch::Sender<bool>,
 }
 
@@ -93,16 +93,16 @@ impl Drop for Endpoint {
 /// The reconciler shared by every worker of one operator process.
 pub struct Reconciler {
     store: Store,
-    settings: Settings,
+    pub(crate) settings: Settings,
     tunnels: Mutex<HashMap<ObjectKey, Tunnel>>,
-    endpoints: tokio::sync::Mutex<HashMap<ObjectKey, Endpoint>>,
+    pub(crate) endpoints: tokio::sync::Mutex<HashMap<ObjectKey, Endpoint>>,
     /// Where this controller announces the runtimes it serves (long-running controllers).
-    registry: Option<Arc<crate::runtime::Registry>>,
+    pub(crate) registry: Option<Arc<crate::runtime::Registry>>,
     drivers: tokio::sync::Mutex<HashMap<String, (i64, Arc<Driver>)>>,
     placements: tokio::sync::Mutex<BTreeMap<ObjectKey, Vec<ReplicaPlacement>>>,
 }
 
-fn set_condition(
+pub(crate) fn set_condition(
     status: &mut TenantControlPlaneStatus,
     type_: &str,
     ok: bool,
@@ -133,7 +133,7 @@ fn set_condition(
     });
 }
 
-fn set_phase(status: &mut TenantControlPlaneStatus, phase: Phase) {
+pub(crate) fn set_phase(status: &mut TenantControlPlaneStatus, phase: Phase) {
     status.kubernetes_resources.version.status = Some(phase);
 }
 
@@ -239,7 +239,7 @@ impl Reconciler {
 
     /// Places the tenant's replicas, keeping an existing placement; other tenants' replicas
     /// hold their capacity.
-    async fn place(
+    pub(crate) async fn place(
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
@@ -314,341 +314,40 @@ impl Reconciler {
 
     /// Reconciles one tenant.
     pub async fn reconcile(&self, key: &ObjectKey) -> Result<Outcome, ReconcileError> {
-        let Some(mut stored) = self.store.get(key).await? else {
+        let Some(stored) = self.store.get(key).await? else {
             self.release(key).await;
             self.placements.lock().await.remove(key);
             return Ok(Outcome::Gone);
         };
         let decoded = TenantControlPlane::decode(stored.value.clone());
         let mut tcp = decoded.object;
-        let mut status = tcp.status.clone().unwrap_or_default();
+        let status = tcp.status.clone().unwrap_or_default();
         if tcp.metadata.deletion_timestamp.is_some() {
             return self.finalize(key, &tcp, status).await;
         }
         let generation = tcp.metadata.generation;
-        let mut problems: Vec<String> = decoded.problems.iter().map(ToString::to_string).collect();
-        if let Err(errs) = kmetal::core::validate::validate_tenant(&tcp) {
-            problems.extend(errs.0.iter().map(ToString::to_string));
-        }
-        tcp.apply_defaults();
-        if !problems.is_empty() {
-            set_condition(
-                &mut status,
-                "Valid",
-                false,
-                "InvalidSpec",
-                problems.join("; "),
-            );
-            if status.kubernetes_resources.version.status.is_none() {
-                set_phase(&mut status, Phase::Provisioning);
-            }
-            return self
-                .finish(key, stored, status, generation, false, "invalid spec")
-                .await;
-        }
-        set_condition(&mut status, "Valid", true, "Valid", String::new());
-
-        // Place.
-        match self.place(key, &tcp, &status.replicas).await {
-            Ok(replicas) => {
-                set_condition(
-                    &mut status,
-                    "Scheduled",
-                    true,
-                    "Placed",
-                    format!("{} replicas", replicas.len()),
-                );
-                status.replicas = replicas;
-            }
-            Err(reason) => {
-                set_condition(&mut status, "Scheduled", false, "Unschedulable", reason);
-                set_phase(&mut status, Phase::Provisioning);
-                return self
-                    .finish(key, stored, status, generation, false, "unschedulable")
-                    .await;
-            }
-        }
-
-        // Datastore slice.
-        let ds_name = tcp
-            .spec
-            .data_store
-            .clone()
-            .unwrap_or_else(|| self.settings.default_datastore.clone());
-        let previous_ds = status.storage.data_store_name.clone();
-        let migrating = previous_ds.as_ref().is_some_and(|p| *p != ds_name);
-        if status.kubernetes_resources.version.status.is_none() {
-            set_phase(&mut status, Phase::Provisioning);
-        }
-        let slice_config = match self.provision(key, &tcp, &ds_name).await {
-            Ok(c) => c,
-            Err(e) => {
-                set_condition(
-                    &mut status,
-                    "DataStoreProvisioned",
-                    false,
-                    "ProvisioningFailed",
-                    e.to_string(),
-                );
-                return self
-                    .finish(key, stored, status, generation, false, "datastore")
-                    .await;
-            }
+        let mut pass = Pass {
+            key,
+            stored,
+            status,
         };
-        // PKI.
-        let bundle = match self.pki(key, &tcp, &ds_name).await {
-            Ok(b) => b,
-            Err(e) => {
-                set_condition(&mut status, "CertificatesReady", false, "IssueFailed", e);
-                return self
-                    .finish(key, stored, status, generation, false, "pki")
-                    .await;
+        let halted = self.phases(&mut pass, &mut tcp, &decoded.problems).await;
+        let Pass { stored, status, .. } = pass;
+        match halted {
+            Ok(()) | Err(Halt::Ready) => {
+                self.finish(key, stored, status, generation, true, "").await
             }
-        };
-        match bundle.expiry_report(SystemTime::now()) {
-            Ok(report) => {
-                status.certificates = report
-                    .into_iter()
-                    .map(|e| {
-                        (
-                            e.name,
-                            CertificateStatus {
-                                last_update: None,
-                                not_after: Some(e.expires),
-                                checksum: None,
-                            },
-                        )
-                    })
-                    .collect();
-                set_condition(
-                    &mut status,
-                    "CertificatesReady",
-                    true,
-                    "Issued",
-                    String::new(),
-                );
+            Err(Halt::NotReady(reason)) => {
+                self.finish(key, stored, status, generation, false, reason)
+                    .await
             }
-            Err(e) => {
-                set_condition(
-                    &mut status,
-                    "CertificatesReady",
-                    false,
-                    "Unreadable",
-                    e.to_string(),
-                );
-                return self
-                    .finish(key, stored, status, generation, false, "pki")
-                    .await;
-            }
+            Err(Halt::Conflict) => Ok(Outcome::NotReady("conflict".into())),
+            Err(Halt::Store(e)) => Err(e),
         }
-        if let Some(out) = &self.settings.out {
-            if let Err(e) = write_out(&bundle, out, &key.name) {
-                set_condition(
-                    &mut status,
-                    "CertificatesWritten",
-                    false,
-                    "WriteFailed",
-                    e.to_string(),
-                );
-                return self
-                    .finish(key, stored, status, generation, false, "out")
-                    .await;
-            }
-        }
-
-        // The tenant's etcd endpoint: a gateway over its slice (kine's role), which a migration
-        // switches to the new slice under live traffic.
-        let serving = match self.slice_config(key).await? {
-            Some(c) if migrating => c,
-            _ => slice_config.clone(),
-        };
-        let live = match self.ensure_gateway(key, &bundle, &serving).await {
-            Ok((addr, live)) => {
-                set_condition(
-                    &mut status,
-                    "DataStoreEndpointReady",
-                    true,
-                    "Serving",
-                    format!("https://{addr}"),
-                );
-                live
-            }
-            Err(e) => {
-                set_condition(
-                    &mut status,
-                    "DataStoreEndpointReady",
-                    false,
-                    "ServeFailed",
-                    e,
-                );
-                return self
-                    .finish(key, stored, status, generation, false, "datastore endpoint")
-                    .await;
-            }
-        };
-        if migrating {
-            // Observable before the copy starts; until the cut-over the old slice serves.
-            set_phase(&mut status, Phase::Migrating);
-            set_condition(
-                &mut status,
-                "DataStoreMigrated",
-                false,
-                "InProgress",
-                format!("{} -> {ds_name}", previous_ds.clone().unwrap_or_default()),
-            );
-            if !self.checkpoint(key, &mut stored, &status).await? {
-                return Ok(Outcome::NotReady("conflict".into()));
-            }
-            // Other controllers stop serving the tenant when they see Migrating; no write may
-            // reach the old slice through them while it is copied.
-            if let Some(reg) = &self.registry {
-                if let Err(e) = reg.wait_others_gone(key, Duration::from_secs(30)).await {
-                    set_condition(
-                        &mut status,
-                        "DataStoreMigrated",
-                        false,
-                        "WaitingForReplicas",
-                        e,
-                    );
-                    return self
-                        .finish(key, stored, status, generation, false, "migration")
-                        .await;
-                }
-            }
-            if let Err(e) = crate::migration::migrate(
-                self,
-                key,
-                &tcp,
-                &live,
-                datastore_identity(&bundle),
-                previous_ds.as_deref().unwrap_or_default(),
-                &ds_name,
-                &slice_config,
-            )
-            .await
-            {
-                set_phase(&mut status, Phase::Migrating);
-                set_condition(
-                    &mut status,
-                    "DataStoreMigrated",
-                    false,
-                    "MigrationFailed",
-                    e.to_string(),
-                );
-                return self
-                    .finish(key, stored, status, generation, false, "migration")
-                    .await;
-            }
-            set_condition(
-                &mut status,
-                "DataStoreMigrated",
-                true,
-                "Migrated",
-                format!("from {}", previous_ds.unwrap_or_default()),
-            );
-            if let Some(e) = self.endpoints.lock().await.get_mut(key) {
-                e.data_store = ds_name.clone();
-            }
-        }
-        set_condition(
-            &mut status,
-            "DataStoreProvisioned",
-            true,
-            "Provisioned",
-            format!("dataStore {ds_name}"),
-        );
-        status.storage = StorageStatus {
-            driver: slice_config.get("driver").cloned(),
-            data_store_name: Some(ds_name.clone()),
-            setup: StorageSetup {
-                schema: slice_config.get("schema").cloned(),
-                user: slice_config.get("user").cloned(),
-            },
-        };
-
-        // Konnectivity server.
-        match self.ensure_tunnel(key, &bundle).await {
-            Ok(addr) => {
-                set_condition(
-                    &mut status,
-                    "KonnectivityReady",
-                    true,
-                    "Serving",
-                    format!("agents connect to {addr}"),
-                );
-                self.announce(key, &addr).await;
-            }
-            Err(e) => {
-                set_condition(&mut status, "KonnectivityReady", false, "ServeFailed", e);
-                return self
-                    .finish(key, stored, status, generation, false, "konnectivity")
-                    .await;
-            }
-        }
-
-        // Version: one minor at a time, never down.
-        let want = tcp.spec.kubernetes.version.clone().unwrap_or_default();
-        let running = status.kubernetes_resources.version.version.clone();
-        if let Some(running) = running.filter(|r| *r != want) {
-            match crate::lifecycle::check_upgrade(&running, &want) {
-                Ok(()) => {
-                    // Rolling: one replica at a time, each step recorded, never all down.
-                    set_phase(&mut status, Phase::Upgrading);
-                    let n = status.replicas.len();
-                    for i in 0..n {
-                        set_condition(
-                            &mut status,
-                            "Upgraded",
-                            false,
-                            "RollingOut",
-                            format!("{running} -> {want}: replica {}/{n} updated", i + 1),
-                        );
-                        if !self.checkpoint(key, &mut stored, &status).await? {
-                            return Ok(Outcome::NotReady("conflict".into()));
-                        }
-                    }
-                    set_condition(
-                        &mut status,
-                        "Upgraded",
-                        true,
-                        "RolledOut",
-                        format!("{running} -> {want}"),
-                    );
-                }
-                Err(msg) => {
-                    set_condition(&mut status, "Upgraded", false, "UpgradeRefused", msg);
-                    set_condition(
-                        &mut status,
-                        "Ready",
-                        true,
-                        "Ready",
-                        format!("still running {running}"),
-                    );
-                    set_phase(&mut status, Phase::Ready);
-                    return self.finish(key, stored, status, generation, true, "").await;
-                }
-            }
-        }
-        status.kubernetes_resources.version.version = Some(want);
-        let endpoint = PkiSpec::from_tenant(&tcp).map(|s| {
-            let (h, p) = s.host_port();
-            format!("{h}:{p}")
-        });
-        status.control_plane_endpoint = endpoint.ok();
-        set_phase(
-            &mut status,
-            if bundle.rotation_in_progress() {
-                Phase::CertificateAuthorityRotating
-            } else {
-                Phase::Ready
-            },
-        );
-        set_condition(&mut status, "Ready", true, "Ready", String::new());
-        self.finish(key, stored, status, generation, true, "").await
     }
 
     /// Records an intermediate status (a phase others should see while work goes on).
-    async fn checkpoint(
+    pub(crate) async fn checkpoint(
         &self,
         key: &ObjectKey,
         stored: &mut crate::store::Stored,
@@ -762,7 +461,7 @@ impl Reconciler {
     }
 
     /// Loads or issues the tenant's bundle; renews what the policy says is due.
-    async fn pki(
+    pub(crate) async fn pki(
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
@@ -775,10 +474,10 @@ impl Reconciler {
             .store
             .secret(ns, &name)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| kmetal::Report(&e).to_string())?
         {
-            let mut bundle =
-                Bundle::from_secret_map(&map).map_err(|e| format!("secret {ns}/{name}: {e}"))?;
+            let mut bundle = Bundle::from_secret_map(&map)
+                .map_err(|e| format!("secret {ns}/{name}: {}", kmetal::Report(&e)))?;
             let rotation = tcp
                 .metadata
                 .annotations
@@ -794,14 +493,17 @@ impl Reconciler {
                 self.store
                     .put_secret(ns, &name, &key.name, &bundle.to_secret_map())
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| kmetal::Report(&e).to_string())?;
             }
             return Ok(bundle);
         }
-        let mut spec = PkiSpec::from_tenant(tcp).map_err(|e| e.to_string())?;
+        let mut spec = PkiSpec::from_tenant(tcp).map_err(|e| kmetal::Report(&e).to_string())?;
         // Kamaji's model for etcd: the tenant authenticates with a client certificate (CN =
         // its etcd user) signed by the DataStore's CA.
-        let driver = self.driver(ds_name).await.map_err(|e| e.to_string())?;
+        let driver = self
+            .driver(ds_name)
+            .await
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         if let Some((cert, key)) = driver.signing_ca() {
             spec.datastore = Some(kmetal::pki::spec::DatastoreIssuer {
                 user: tcp.spec.data_store_username.clone().unwrap_or_default(),
@@ -809,16 +511,20 @@ impl Reconciler {
                 ca_key_pem: key.clone(),
             });
         }
-        let bundle = Bundle::generate(&spec).map_err(|e| e.to_string())?;
+        let bundle = Bundle::generate(&spec).map_err(|e| kmetal::Report(&e).to_string())?;
         self.store
             .put_secret(ns, &name, &key.name, &bundle.to_secret_map())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         Ok(bundle)
     }
 
     /// Starts the tenant's Konnectivity server, or restarts it when its CA bundle changed.
-    async fn ensure_tunnel(&self, key: &ObjectKey, bundle: &Bundle) -> Result<SocketAddr, String> {
+    pub(crate) async fn ensure_tunnel(
+        &self,
+        key: &ObjectKey,
+        bundle: &Bundle,
+    ) -> Result<SocketAddr, String> {
         // What the listener's TLS is built from: a rotation changes it, and then the
         // server restarts with the new trust and certificate.
         let fingerprint = format!(
@@ -835,11 +541,13 @@ impl Reconciler {
             }
         }
         self.stop_tunnel(key);
-        let agent_tls = tls::agent_listener(bundle).map_err(|e| e.to_string())?;
+        let agent_tls = tls::agent_listener(bundle).map_err(|e| kmetal::Report(&e).to_string())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|e| format!("binding the agent listener: {e}"))?;
-        let agent_addr = listener.local_addr().map_err(|e| e.to_string())?;
+            .map_err(|e| format!("binding the agent listener: {}", kmetal::Report(&e)))?;
+        let agent_addr = listener
+            .local_addr()
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         let dir = self.settings.state_dir.join("konnectivity");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let uid_short: String = key.name.chars().take(40).collect();
@@ -878,7 +586,7 @@ impl Reconciler {
 
     /// Starts the tenant's etcd endpoint over `cfg`'s slice (mTLS with the tenant's etcd CA:
     /// the api-server presents `apiserver-etcd-client`, as against a kubeadm etcd).
-    async fn ensure_gateway(
+    pub(crate) async fn ensure_gateway(
         &self,
         key: &ObjectKey,
         bundle: &Bundle,
@@ -906,12 +614,14 @@ impl Reconciler {
         };
         let backend = crate::drivers::open_slice(&ds, cfg, datastore_identity(bundle))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         let live = Arc::new(MigratableStore::new(backend));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|e| format!("binding the datastore endpoint: {e}"))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            .map_err(|e| format!("binding the datastore endpoint: {}", kmetal::Report(&e)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         let (stop, mut rx) = watch::channel(false);
         let gateway = DatastoreGateway::new(live.clone() as Arc<dyn kmetal::datastore::Datastore>);
         tokio::spawn(async move {
@@ -938,7 +648,7 @@ impl Reconciler {
         self.endpoints.lock().await.remove(key);
     }
 
-    async fn announce(&self, key: &ObjectKey, agents: &SocketAddr) {
+    pub(crate) async fn announce(&self, key: &ObjectKey, agents: &SocketAddr) {
         let Some(reg) = &self.registry else { return };
         let endpoint = self.endpoints.lock().await.get(key).map(|e| e.addr);
         if let Some(endpoint) = endpoint {
@@ -964,7 +674,12 @@ impl Reconciler {
     /// from what the leader recorded, writing nothing but the announcement; stop while it
     /// migrates or once it is deleted.
     pub async fn serve_runtime(&self, key: &ObjectKey) -> Result<(), String> {
-        let Some(stored) = self.store.get(key).await.map_err(|e| e.to_string())? else {
+        let Some(stored) = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| kmetal::Report(&e).to_string())?
+        else {
             self.release(key).await;
             return Ok(());
         };
@@ -983,12 +698,16 @@ impl Reconciler {
             .store
             .secret(ns, &format!("{}-pki", key.name))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| kmetal::Report(&e).to_string())?
         else {
             return Ok(());
         };
-        let bundle = Bundle::from_secret_map(&map).map_err(|e| e.to_string())?;
-        let Some(cfg) = self.slice_config(key).await.map_err(|e| e.to_string())? else {
+        let bundle = Bundle::from_secret_map(&map).map_err(|e| kmetal::Report(&e).to_string())?;
+        let Some(cfg) = self
+            .slice_config(key)
+            .await
+            .map_err(|e| kmetal::Report(&e).to_string())?
+        else {
             return Ok(());
         };
         self.ensure_gateway(key, &bundle, &cfg).await?;
@@ -1074,11 +793,13 @@ impl Reconciler {
 
 /// Writes the bundle to `out/<name>` as a whole: into a fresh folder, then swapped in, so
 /// files of an earlier state (a finished CA rotation's old CA) never linger.
-fn write_out(bundle: &Bundle, out: &std::path::Path, name: &str) -> Result<(), String> {
+pub(crate) fn write_out(bundle: &Bundle, out: &std::path::Path, name: &str) -> Result<(), String> {
     let target = out.join(name);
     let fresh = out.join(format!(".{name}.new"));
     let _ = std::fs::remove_dir_all(&fresh);
-    bundle.write_dir(&fresh).map_err(|e| e.to_string())?;
+    bundle
+        .write_dir(&fresh)
+        .map_err(|e| kmetal::Report(&e).to_string())?;
     let _ = std::fs::remove_dir_all(&target);
     std::fs::rename(&fresh, &target).map_err(|e| format!("{}: {e}", target.display()))
 }

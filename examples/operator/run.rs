@@ -138,7 +138,7 @@ async fn tenant_keys(store: &Store, region: &str) -> Result<Vec<ObjectKey>, Stri
     let (list, _) = store
         .list(Kind::TenantControlPlane)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| kmetal::Report(&e).to_string())?;
     Ok(list
         .into_iter()
         .filter(|s| in_region(s, region))
@@ -245,7 +245,7 @@ pub async fn report(store: &Store, region: &str, format: Format) -> Result<bool,
     let (list, _) = store
         .list(Kind::TenantControlPlane)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| kmetal::Report(&e).to_string())?;
     let rows: Vec<TenantRow> = list
         .iter()
         .filter(|s| in_region(s, region))
@@ -256,7 +256,7 @@ pub async fn report(store: &Store, region: &str, format: Format) -> Result<bool,
             let v: Vec<serde_json::Value> = rows.iter().map(TenantRow::to_json).collect();
             out!(
                 "{}",
-                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                serde_json::to_string_pretty(&v).map_err(|e| kmetal::Report(&e).to_string())?
             );
         }
         Format::Text => out!("{}", tenants_table(&rows).trim_end()),
@@ -339,13 +339,13 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
         .datastore()
         .range(RangeRequest::get("/").count_only())
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| kmetal::Report(&e).to_string())?
         .revision;
     let mut watch = store
         .datastore()
         .watch(WatchRequest::prefix(PREFIX, start + 1))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| kmetal::Report(&e).to_string())?;
     {
         // Whoever becomes leader starts with a full pass.
         let (tx, store, metrics, region) = (

@@ -61,7 +61,7 @@ impl Registry {
             .ds
             .lease_grant(self.ttl, 0)
             .await
-            .map_err(|e| format!("runtime lease: {e}"))?
+            .map_err(|e| format!("runtime lease: {}", kmetal::Report(&e)))?
             .id;
         *l = Some(id);
         Ok(id)
@@ -94,7 +94,7 @@ impl Registry {
             .put(PutRequest::new(key, v.to_string()).with_lease(lease))
             .await
             .map(|_| ())
-            .map_err(|e| format!("announcing the runtime: {e}"))
+            .map_err(|e| format!("announcing the runtime: {}", kmetal::Report(&e)))
     }
 
     /// Announces that this controller serves `tenant` at these addresses.
@@ -128,7 +128,7 @@ impl Registry {
             .ds
             .range(RangeRequest::prefix(prefix.clone()))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| kmetal::Report(&e).to_string())?;
         Ok(r.kvs
             .iter()
             .map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).to_string())

@@ -125,7 +125,7 @@ pub struct Stored {
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("management store: {0}")]
+    #[error("management store")]
     Datastore(#[from] DatastoreError),
     #[error("{api_version}/{kind} is not a kind the management store holds")]
     UnknownKind { api_version: String, kind: String },
@@ -135,7 +135,7 @@ pub enum StoreError {
     BeingDeleted(String),
     #[error("{0}: this process no longer leads its region; write refused")]
     Fenced(String),
-    #[error("{0}: stored object is not valid JSON: {1}")]
+    #[error("{0}: stored object is not valid JSON")]
     Corrupt(String, #[source] serde_json::Error),
 }
 

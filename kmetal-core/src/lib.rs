@@ -7,6 +7,8 @@
 //! - [`meta`]: `ObjectMeta` and status `Condition`s.
 //! - [`tenant`]: [`TenantControlPlane`]: spec, status, phases, Kamaji's defaults.
 //! - [`datastore`]: [`DataStore`]: drivers, endpoints, credentials.
+//! - [`field`]: [`FieldError`] (a [`Problem`] at a field path) and [`FieldErrors`]: the leaf
+//!   module decoding and validation both report through, so imports run one way.
 //! - [`validate`]: all problems at once, each a [`FieldError`] with its field path; update rules.
 //! - [`manifest`]: multi-document YAML/JSON files dispatched on `apiVersion`/`kind`.
 //! - [`net`]: CIDRs, `host:port` endpoints, DNS names.
@@ -31,6 +33,7 @@
 mod macros;
 
 pub mod datastore;
+pub mod field;
 pub mod manifest;
 pub mod meta;
 pub mod net;
@@ -40,8 +43,8 @@ pub mod validate;
 pub mod version;
 
 pub use datastore::DataStore;
+pub use field::{FieldError, FieldErrors, Problem};
 pub use manifest::{Document, Object, parse_file, parse_str};
 pub use meta::{Condition, ObjectMeta};
 pub use object::{API_VERSION, Resource, ResourceSpec};
 pub use tenant::{Phase, TenantControlPlane};
-pub use validate::{FieldError, FieldErrors, Problem};

@@ -10,16 +10,17 @@ use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use crate::datastore::{DataStore, DataStoreSpec};
+use crate::field::{FieldError, FieldErrors};
 use crate::object::{API_VERSION, Resource, ResourceSpec};
 use crate::tenant::{TenantControlPlane, TenantControlPlaneSpec};
-use crate::validate::{FieldError, FieldErrors, validate_datastore, validate_tenant};
+use crate::validate::{validate_datastore, validate_tenant};
 
 /// A whole file could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ManifestError {
     /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -28,7 +29,7 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     /// The text is not YAML (or JSON).
-    #[error("line {line}, column {column}: {source}")]
+    #[error("line {line}, column {column}")]
     Syntax {
         /// 1-based line, 0 when unknown.
         line: u64,

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use serde_path_to_error::Segment;
 
+use crate::field::{FieldError, FieldErrors, Problem};
 use crate::meta::ObjectMeta;
-use crate::validate::{FieldError, FieldErrors, Problem};
 
 /// The API group and version of every kind kmetal models.
 pub const API_VERSION: &str = "kamaji.clastix.io/v1alpha1";

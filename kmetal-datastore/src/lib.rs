@@ -15,6 +15,13 @@
 //!   revision log on PostgreSQL with batched writes, LISTEN/NOTIFY watches and real leases.
 //! - [`sqlite`] (feature `sqlite`, default): [`SqliteStore`](sqlite::SqliteStore), the same
 //!   revision log embedded in one file: the zero-setup default.
+//! - [`sqllog`]: the revision log both SQL drivers share, written once over a small dialect
+//!   trait: writer batching and txn evaluation (`sqllog/write.rs`), watch fan-out with replay
+//!   and progress notifications (`sqllog/hub.rs`), lease expiry (the sweeper in
+//!   `sqllog/mod.rs`, expiry times persisted by each dialect), compaction in bounded batches,
+//!   and the one error classification per dialect; its public part is
+//!   [`LogOptions`](sqllog::LogOptions). The memory driver expires leases and fans out
+//!   watches itself, inside its write lock.
 //! - [`backup`]: per-tenant logical snapshots (one portable file with a checksum) from any
 //!   driver, restorable into any driver.
 //! - [`migrate`]: live migration of a tenant between any two drivers (freeze, copy, verify,
@@ -41,7 +48,7 @@ pub mod provision;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-mod sqllog;
+pub mod sqllog;
 pub mod store;
 pub mod url;
 

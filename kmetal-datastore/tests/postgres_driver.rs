@@ -26,7 +26,7 @@ async fn postgres_driver_conforms() {
             pg.create_database(&name).await.unwrap();
             let mut cfg =
                 PgConfig::new(pg.conninfo(&name)).with_progress_interval(Duration::from_secs(1));
-            cfg.request_timeout = Duration::from_secs(10);
+            cfg.log.request_timeout = Duration::from_secs(10);
             Arc::new(PgStore::connect(cfg).await.unwrap()) as Arc<dyn Datastore>
         }
     })
@@ -97,7 +97,7 @@ async fn postgres_restart_mid_load_loses_nothing() {
     let mut pg = PostgresServer::start(PostgresOptions::default()).unwrap();
     pg.create_database("faults").await.unwrap();
     let mut cfg = PgConfig::new(pg.conninfo("faults"));
-    cfg.request_timeout = Duration::from_secs(3);
+    cfg.log.request_timeout = Duration::from_secs(3);
     let s = PgStore::connect(cfg).await.unwrap();
     let start = s.status().await.unwrap().revision + 1;
     let mut w = s.watch(WatchRequest::prefix("/f/", start)).await.unwrap();
@@ -239,7 +239,7 @@ async fn automatic_compaction_runs_on_its_interval() {
     .unwrap();
     pg.create_database("auto").await.unwrap();
     let mut cfg = PgConfig::new(pg.conninfo("auto"));
-    cfg.auto_compact = Some((Duration::from_millis(200), 5));
+    cfg.log.auto_compact = Some((Duration::from_millis(200), 5));
     let s = PgStore::connect(cfg).await.unwrap();
     kmetal_testkit::conformance::automatic_compaction(&s, 5).await;
 }
@@ -294,7 +294,7 @@ async fn tls_connections_are_encrypted_and_verified() {
         ca_pem: stranger.cert_pem.clone(),
         identity: None,
     });
-    cfg.request_timeout = Duration::from_secs(3);
+    cfg.log.request_timeout = Duration::from_secs(3);
     let err = PgStore::connect(cfg).await.unwrap_err();
     assert!(matches!(err, DatastoreError::Unavailable { .. }), "{err:?}");
 }

@@ -87,7 +87,7 @@ async fn two_stores_on_one_file_see_each_other() {
 async fn automatic_compaction_runs_on_its_interval() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = SqliteConfig::new(dir.path().join("auto.db"));
-    cfg.auto_compact = Some((Duration::from_millis(200), 5));
+    cfg.log.auto_compact = Some((Duration::from_millis(200), 5));
     let s = SqliteStore::open(cfg).await.unwrap();
     kmetal_testkit::conformance::automatic_compaction(&s, 5).await;
 }

@@ -59,9 +59,9 @@ pub fn generate_key(algorithm: Algorithm, file: &str) -> Result<KeyPair, PkiErro
 #[cfg(feature = "rsa")]
 fn rsa_key(file: &str) -> Result<KeyPair, PkiError> {
     use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
-    let failed = |what: &str| PkiError::Parse {
+    let failed = |step| PkiError::KeyGeneration {
         file: file.to_string(),
-        what: format!("RSA key generation failed: {what}"),
+        step,
     };
     let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
         .map_err(|_| failed("aws-lc refused to generate a key"))?;
@@ -234,12 +234,13 @@ pub struct KubeconfigParts {
 
 /// Reads the first cluster and user of a kubeconfig.
 pub fn parse_kubeconfig(file: &str, text: &str) -> Result<KubeconfigParts, PkiError> {
-    let bad = |what: String| PkiError::Parse {
-        file: file.to_string(),
+    let bad = |at: Option<&str>, what, source: Option<crate::error::Cause>| PkiError::Parse {
+        file: at.map_or_else(|| file.to_string(), |at| format!("{file}: {at}")),
         what,
+        source,
     };
     let v: serde_json::Value =
-        serde_saphyr::from_str(text).map_err(|e| bad(format!("not YAML: {e}")))?;
+        serde_saphyr::from_str(text).map_err(|e| bad(None, "not YAML", Some(Box::new(e))))?;
     let field = |path: &str| -> Result<String, PkiError> {
         let mut cur = &v;
         for part in path.split('.') {
@@ -250,14 +251,14 @@ pub fn parse_kubeconfig(file: &str, text: &str) -> Result<KubeconfigParts, PkiEr
         }
         cur.as_str()
             .map(str::to_string)
-            .ok_or_else(|| bad(format!("{path}: missing")))
+            .ok_or_else(|| bad(Some(path), "missing", None))
     };
     let data = |path: &str| -> Result<String, PkiError> {
         let raw = field(path)?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(raw.trim())
-            .map_err(|_| bad(format!("{path}: not base64")))?;
-        String::from_utf8(bytes).map_err(|_| bad(format!("{path}: not PEM text")))
+            .map_err(|e| bad(Some(path), "not base64", Some(Box::new(e))))?;
+        String::from_utf8(bytes).map_err(|e| bad(Some(path), "not PEM text", Some(Box::new(e))))
     };
     Ok(KubeconfigParts {
         cluster: field("clusters.0.name")?,

@@ -1,5 +1,8 @@
 //! Why a PKI operation failed; every variant names the file (kubeadm path) or field.
 
+/// A parser's or library's error, kept as the source.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A PKI error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -66,10 +69,21 @@ pub enum PkiError {
     /// A file does not hold a parsable certificate, key or kubeconfig.
     #[error("{file}: {what}")]
     Parse {
-        /// The file.
+        /// The file (for a kubeconfig field, `admin.conf: users[0].user.client-key-data`).
         file: String,
-        /// What is wrong (`not a PEM certificate`, `users[0].user.client-key-data: not base64`).
-        what: String,
+        /// What is wrong (`not a PEM certificate`, `not base64`).
+        what: &'static str,
+        /// The parser's error, when it gave one.
+        #[source]
+        source: Option<Cause>,
+    },
+    /// A key could not be generated (aws-lc-rs for RSA, which gives no reason).
+    #[error("{file}: {step}")]
+    KeyGeneration {
+        /// The key's file.
+        file: String,
+        /// The step that failed.
+        step: &'static str,
     },
     /// A private key does not belong to its certificate.
     #[error("{file}: the private key does not match the certificate {cert}")]

@@ -231,7 +231,8 @@ pub(crate) fn authority(b: &Bundle, signer: Signer) -> Result<Authority, PkiErro
     })?;
     let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Parse {
         file: key_file,
-        what: format!("not a private key: {e}"),
+        what: "not a private key",
+        source: Some(Box::new(e)),
     })?;
     Ok(Authority { cert_pem, key })
 }
@@ -379,7 +380,8 @@ impl Bundle {
         })?)
         .map_err(|e| PkiError::Parse {
             file: key_file,
-            what: format!("not a private key: {e}"),
+            what: "not a private key",
+            source: Some(Box::new(e)),
         })?;
         let cert = params_from(&info, now, &file)?
             .self_signed(&key)

@@ -23,18 +23,21 @@ impl Parsed {
     pub(crate) fn from_pem(file: &str, pem_text: &str) -> Result<Self, PkiError> {
         let block = pem::parse(pem_text).map_err(|e| PkiError::Parse {
             file: file.to_string(),
-            what: format!("not a PEM certificate: {e}"),
+            what: "not a PEM certificate",
+            source: Some(Box::new(e)),
         })?;
         if block.tag() != "CERTIFICATE" {
             return Err(PkiError::Parse {
-                file: file.to_string(),
-                what: format!("PEM block is {:?}, not CERTIFICATE", block.tag()),
+                file: format!("{file} (PEM block {:?})", block.tag()),
+                what: "not a CERTIFICATE block",
+                source: None,
             });
         }
         let der = block.into_contents();
         X509Certificate::from_der(&der).map_err(|e| PkiError::Parse {
             file: file.to_string(),
-            what: format!("not an X.509 certificate: {e}"),
+            what: "not an X.509 certificate",
+            source: Some(Box::new(e)),
         })?;
         Ok(Self {
             file: file.to_string(),
@@ -47,7 +50,8 @@ impl Parsed {
             .map(|(_, c)| c)
             .map_err(|e| PkiError::Parse {
                 file: self.file.clone(),
-                what: format!("not an X.509 certificate: {e}"),
+                what: "not an X.509 certificate",
+                source: Some(Box::new(e)),
             })
     }
 }
@@ -56,7 +60,8 @@ impl Parsed {
 pub(crate) fn certificates(file: &str, text: &str) -> Result<Vec<Parsed>, PkiError> {
     let blocks = pem::parse_many(text).map_err(|e| PkiError::Parse {
         file: file.to_string(),
-        what: format!("not PEM: {e}"),
+        what: "not PEM",
+        source: Some(Box::new(e)),
     })?;
     blocks
         .into_iter()
@@ -68,7 +73,8 @@ pub(crate) fn certificates(file: &str, text: &str) -> Result<Vec<Parsed>, PkiErr
 fn key_matches(file: &str, cert_file: &str, key_pem: &str, cert: &Parsed) -> Result<(), PkiError> {
     let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Parse {
         file: file.to_string(),
-        what: format!("not a private key: {e}"),
+        what: "not a private key",
+        source: Some(Box::new(e)),
     })?;
     if key.subject_public_key_info() != cert.cert()?.tbs_certificate.subject_pki.raw {
         return Err(PkiError::KeyMismatch {
@@ -186,7 +192,8 @@ impl Bundle {
                 {
                     return Err(PkiError::Parse {
                         file: p.path.to_string(),
-                        what: "certificate-authority-data does not carry every trusted CA".into(),
+                        what: "certificate-authority-data does not carry every trusted CA",
+                        source: None,
                     });
                 }
                 continue;
@@ -212,7 +219,8 @@ impl Bundle {
         let sa = get(profile::SERVICE_ACCOUNT_KEY)?;
         let key = KeyPair::from_pem(sa).map_err(|e| PkiError::Parse {
             file: profile::SERVICE_ACCOUNT_KEY.into(),
-            what: format!("not a private key: {e}"),
+            what: "not a private key",
+            source: Some(Box::new(e)),
         })?;
         if key.public_key_pem().trim() != get(profile::SERVICE_ACCOUNT_PUB)?.trim() {
             return Err(PkiError::KeyMismatch {

@@ -218,12 +218,13 @@ pub enum TopologyError {
     #[error("not valid YAML")]
     Syntax(#[source] Box<serde_saphyr::Error>),
     /// A field has the wrong type, or is unknown or missing.
-    #[error("{path}: {message}")]
+    #[error("{path}: {reason}")]
     Shape {
         /// Field path.
         path: String,
-        /// What is wrong.
-        message: String,
+        /// The decoder's error (shown in the message, as field errors are, so not also a
+        /// source).
+        reason: serde_json::Error,
     },
     /// Two things of one kind share a name.
     #[error("{path}: duplicate {kind} name {name:?}")]
@@ -458,7 +459,7 @@ impl Topology {
             let path = e.path().to_string();
             TopologyError::Shape {
                 path,
-                message: e.into_inner().to_string(),
+                reason: e.into_inner(),
             }
         })?;
         Self::build(f)

@@ -92,7 +92,7 @@ pub enum AgentError {
     #[error("invalid server name {0:?}")]
     ServerName(String),
     /// The TCP connection or the TLS handshake failed.
-    #[error("connecting to {server}: {source}")]
+    #[error("connecting to {server}")]
     Connect {
         /// The server address.
         server: String,
@@ -101,7 +101,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// The HTTP/2 connection failed (handshake, or carrying the Connect call).
-    #[error("HTTP/2 with {server}: {source}")]
+    #[error("HTTP/2 with {server}")]
     Http {
         /// The server address.
         server: String,
@@ -110,7 +110,7 @@ pub enum AgentError {
         source: hyper::Error,
     },
     /// The server refused or failed the Connect stream.
-    #[error("opening the Connect stream on {server}: {source}")]
+    #[error("opening the Connect stream on {server}")]
     Stream {
         /// The server address.
         server: String,

@@ -31,7 +31,7 @@ use crate::proto::{self, Frame, Packet};
 #[non_exhaustive]
 pub enum ClientError {
     /// Connecting to the frontend's socket failed.
-    #[error("connecting to {path}: {source}")]
+    #[error("connecting to {path}")]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -40,7 +40,7 @@ pub enum ClientError {
         source: io::Error,
     },
     /// The HTTP/2 handshake on the frontend's socket failed.
-    #[error("HTTP/2 handshake on {path}: {source}")]
+    #[error("HTTP/2 handshake on {path}")]
     Handshake {
         /// The socket.
         path: PathBuf,
@@ -49,10 +49,10 @@ pub enum ClientError {
         source: hyper::Error,
     },
     /// The connection to the frontend could not carry a new `Proxy` stream.
-    #[error("calling Proxy: {0}")]
+    #[error("calling Proxy")]
     Call(#[source] hyper::Error),
     /// The frontend refused the stream.
-    #[error("opening a Proxy stream: {0}")]
+    #[error("opening a Proxy stream")]
     Stream(#[source] tonic::Status),
     /// The server could not dial (its message says why: no agent, timeout, refused).
     #[error("dial {address}: {message}")]
@@ -66,7 +66,7 @@ pub enum ClientError {
     #[error("dial {0}: the stream ended before the answer")]
     NoAnswer(String),
     /// The stream failed before the dial was answered.
-    #[error("dial {address}: {source}")]
+    #[error("dial {address}")]
     Answer {
         /// The dialed address.
         address: String,

@@ -36,7 +36,7 @@ pub enum ConnectError {
     #[error("connection closed before the request head was complete")]
     Incomplete,
     /// Reading the request failed.
-    #[error("reading the request: {0}")]
+    #[error("reading the request")]
     Io(#[source] std::io::Error),
 }
 

@@ -80,10 +80,10 @@ where
 #[non_exhaustive]
 pub enum GrpcError {
     /// The HTTP/2 body failed (connection reset, keepalive timeout, protocol error).
-    #[error("stream failed: {0}")]
+    #[error("stream failed")]
     Body(#[source] tonic::Status),
     /// The peer ended the stream with a non-OK `grpc-status`.
-    #[error("peer ended the stream: {0}")]
+    #[error("peer ended the stream")]
     Status(#[source] tonic::Status),
     /// A message was marked compressed; no compression is ever negotiated on this link.
     #[error("compressed message received without negotiated compression")]

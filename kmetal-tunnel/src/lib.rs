@@ -6,8 +6,11 @@
 //! - [`proto`]: Konnectivity's Packet protocol (generated from our own
 //!   `proto/konnectivity.proto` with upstream's field numbers), the typed [`Frame`] view and
 //!   the stream metadata ([`Identifiers`], server id and count, flow window).
-//! - [`server`]: [`Server`] — the mTLS agent listener, the frontends (gRPC `ProxyService` and
-//!   HTTP CONNECT on a unix socket, HTTP CONNECT on mTLS TCP) and the proxy [`Strategy`]s.
+//! - [`server`]: [`Server`] and its serve loops; inside it `config` (settings and the proxy
+//!   [`Strategy`]s), `registry` (connected agents, where a dial is routed, pending dials,
+//!   stats), `agent_link` (the mTLS `AgentService.Connect` listener), `frontends` (gRPC
+//!   `ProxyService` and HTTP CONNECT on a unix socket, HTTP CONNECT on mTLS TCP) and
+//!   `service` (the one-method gRPC plumbing both answer through).
 //! - [`agent`]: [`Agent`] — dial-out, identifiers, server count, backoff, DRAIN.
 //! - [`client`]: [`ProxyClient`], a dialer for the gRPC frontend (konnectivity-client's
 //!   role), whose dials are [`ProxyStream`] byte streams.

@@ -54,7 +54,7 @@ pub const MAX_CHUNK: usize = 256 << 10;
 #[non_exhaustive]
 pub enum PacketError {
     /// The bytes are not a protobuf `Packet`.
-    #[error("not a Packet: {0}")]
+    #[error("not a Packet")]
     Decode(#[from] prost::DecodeError),
     /// The packet exceeds [`MAX_PACKET`].
     #[error("packet of {0} bytes exceeds the {MAX_PACKET}-byte limit")]
@@ -312,7 +312,7 @@ pub enum IdentifierError {
         value: String,
     },
     /// A `cidr` value that is not a CIDR.
-    #[error("cidr={value:?}: {source}")]
+    #[error("cidr={value:?}")]
     InvalidCidr {
         /// The value.
         value: String,

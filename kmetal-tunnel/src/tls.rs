@@ -34,7 +34,7 @@ pub enum TlsError {
     #[error("{0}: missing from the PKI bundle")]
     MissingFile(String),
     /// A file holds no usable PEM certificate or key.
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Pem {
         /// The file.
         file: String,
@@ -43,7 +43,7 @@ pub enum TlsError {
         source: rustls::pki_types::pem::Error,
     },
     /// rustls refused the certificates, key or roots.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Rustls {
         /// Which part of the configuration.
         what: &'static str,
@@ -52,7 +52,7 @@ pub enum TlsError {
         source: rustls::Error,
     },
     /// The client verifier could not be built from the CA.
-    #[error("client verifier: {0}")]
+    #[error("client verifier")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 

@@ -16,7 +16,7 @@
 //! - `kmetal_lease`: leases with their expiry time, so expiry survives restarts.
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i64 = 1;
 
 /// Statements that bring an empty database to [`SCHEMA_VERSION`] (idempotent).
 pub const CREATE: &str = r#"

@@ -12,7 +12,29 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
-use crate::error::DatastoreError;
+/// Why TLS settings for PostgreSQL are unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgTlsError {
+    /// `ca_pem` does not parse as PEM.
+    #[error("ca_pem is not PEM")]
+    CaPem(#[source] rustls::pki_types::pem::Error),
+    /// A certificate in `ca_pem` cannot be a root.
+    #[error("ca_pem holds an unusable certificate")]
+    CaCert(#[source] rustls::Error),
+    /// The provider offers no safe protocol version.
+    #[error("no TLS protocol versions")]
+    Versions(#[source] rustls::Error),
+    /// The client certificate does not parse as PEM.
+    #[error("client certificate is not PEM")]
+    ClientCert(#[source] rustls::pki_types::pem::Error),
+    /// The client key does not parse as PEM.
+    #[error("client key is not PEM")]
+    ClientKey(#[source] rustls::pki_types::pem::Error),
+    /// The client certificate and key do not belong together.
+    #[error("client certificate and key do not match")]
+    Identity(#[source] rustls::Error),
+}
 
 /// TLS settings for the connection to PostgreSQL.
 #[derive(Clone)]
@@ -31,37 +53,29 @@ impl std::fmt::Debug for PgTls {
     }
 }
 
-fn bad(what: &str) -> DatastoreError {
-    DatastoreError::Backend {
-        source: format!("PostgreSQL TLS settings: {what}").into(),
-    }
-}
-
 impl PgTls {
     /// The connector for tokio-postgres.
-    pub(crate) fn connector(&self) -> Result<RustlsConnect, DatastoreError> {
+    pub(crate) fn connector(&self) -> Result<RustlsConnect, PgTlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            let c = c.map_err(|_| bad("ca_pem is not PEM"))?;
-            roots
-                .add(c)
-                .map_err(|_| bad("ca_pem holds an unusable certificate"))?;
+            let c = c.map_err(PgTlsError::CaPem)?;
+            roots.add(c).map_err(PgTlsError::CaCert)?;
         }
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|_| bad("no TLS versions"))?
+            .map_err(PgTlsError::Versions)?
             .with_root_certificates(roots);
         let config = match &self.identity {
             Some((cert, key)) => {
                 let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| bad("client certificate is not PEM"))?;
-                let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-                    .map_err(|_| bad("client key is not PEM"))?;
+                    .map_err(PgTlsError::ClientCert)?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(PgTlsError::ClientKey)?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|_| bad("client certificate and key do not match"))?
+                    .map_err(PgTlsError::Identity)?
             }
             None => builder.with_no_client_auth(),
         };
