@@ -74,7 +74,10 @@ pub(crate) struct Watcher {
 
 /// Messages to a hub task.
 pub(crate) enum HubMsg {
-    Add(u64, Watcher),
+    /// Registers a watch; the hub answers on the sender once the watch has been handed its
+    /// replay (or its error), so that [`Dispatched`] never claims a revision a watch that its
+    /// caller already holds has not been handed.
+    Add(u64, Watcher, tokio::sync::oneshot::Sender<()>),
     Remove(u64),
 }
 
@@ -172,13 +175,14 @@ pub(crate) async fn hub<F: LogFeed>(
                 watchers.remove(&id);
                 continue;
             }
-            Wake::Msg(HubMsg::Add(id, w)) => {
+            Wake::Msg(HubMsg::Add(id, w, registered)) => {
                 if let Some(w) = register(&mut feed, &mut last, w).await {
                     watchers.insert(id, w);
                 }
                 if let Some(l) = last {
                     dispatched.set(l);
                 }
+                let _ = registered.send(());
                 continue;
             }
             Wake::Local(false) => {

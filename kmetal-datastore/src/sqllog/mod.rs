@@ -395,12 +395,22 @@ impl<D: Dialect> Datastore for SqlLog<D> {
             progress: req.progress_notify,
             tx,
         };
+        let stopped = || DatastoreError::unavailable(LogError::HubStopped);
+        let (registered, ack) = oneshot::channel();
         self.shared
             .hub
-            .send(HubMsg::Add(id, w))
-            .map_err(|_| DatastoreError::unavailable(LogError::HubStopped))?;
+            .send(HubMsg::Add(id, w, registered))
+            .map_err(|_| stopped())?;
         let hub = self.shared.hub.clone();
-        Ok(WatchStream::new(rx, Unregister { hub, id }))
+        let stream = WatchStream::new(rx, Unregister { hub, id });
+        // Returned only once registered: a progress answer the caller asks for next covers
+        // this watch too (see `Datastore::watch_dispatched`).
+        let deadline = self.shared.cfg.request_timeout;
+        match tokio::time::timeout(deadline, ack).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(DatastoreError::unavailable(LogError::Timeout(deadline))),
+        }
     }
 
     async fn lease_grant(&self, ttl: i64, id: LeaseId) -> Result<LeaseGrant> {
