@@ -1,7 +1,8 @@
 //! kubectl against a real kube-apiserver on kmetal's gateway, per backend (memory, SQLite,
 //! PostgreSQL): 2,000 ConfigMaps and a CRD with 1,000 custom resources listed in chunks of
-//! 500, label and field selectors, a stale update refused with 409, and a raw watch from a
-//! resourceVersion that sees every change in order.
+//! 500, label and field selectors, a stale update refused with 409, a raw watch from a
+//! resourceVersion that sees every change in order, and a watch that goes on across a
+//! restart of the gateway underneath the running apiserver.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,17 +14,67 @@ use kmetal_datastore::gateway::Gateway;
 use kmetal_datastore::postgres::{PgConfig, PgStore};
 use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
 use kmetal_testkit::kube::{ApiserverOptions, KubeError};
-use kmetal_testkit::{KubeApiserver, PostgresOptions, PostgresServer};
+use kmetal_testkit::{FaultProxy, KubeApiserver, PostgresOptions, PostgresServer};
 
 const CONFIGMAPS: usize = 2000;
 const WIDGETS: usize = 1000;
 
-/// Serves `store` on a loopback port; the gateway stops with the runtime.
-async fn serve(store: Arc<dyn Datastore>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(Gateway::new(store).serve_on(listener, None, std::future::pending()));
-    endpoint
+/// A gateway the apiserver reaches through a proxy, so that it can be restarted under the
+/// apiserver: the proxy resets every connection (what the gateway process dying does), a new
+/// gateway comes up on a newly opened store, and the proxy forwards to it.
+struct Served {
+    proxy: FaultProxy,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    async fn start(store: Arc<dyn Datastore>) -> (Self, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            Gateway::new(store)
+                .serve_on(listener, None, shutdown)
+                .await
+                .unwrap();
+        });
+        let proxy = FaultProxy::start(addr).await.unwrap();
+        (Self { proxy, stop, task }, addr)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.proxy.addr())
+    }
+
+    /// Cuts the apiserver off, stops the gateway, serves `store` on the same port, and lets
+    /// the apiserver back in.
+    async fn restart(self, store: Arc<dyn Datastore>, addr: std::net::SocketAddr) -> Self {
+        let Self { proxy, stop, task } = self;
+        proxy.reset();
+        let _ = stop.send(());
+        tokio::time::timeout(std::time::Duration::from_secs(20), task)
+            .await
+            .expect("the gateway stops once its connections are gone")
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            Gateway::new(store)
+                .serve_on(listener, None, shutdown)
+                .await
+                .unwrap();
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        proxy.restore();
+        Self { proxy, stop, task }
+    }
 }
 
 fn write(api: &KubeApiserver, name: &str, text: &str) -> String {
@@ -37,8 +88,13 @@ fn names(out: &str, prefix: &str) -> usize {
     out.lines().filter(|l| l.starts_with(prefix)).count()
 }
 
-async fn scenarios(backend: &str, endpoint: String) {
-    let api = KubeApiserver::start(ApiserverOptions::new([endpoint]))
+async fn scenarios<F, Fut>(backend: &str, open: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn Datastore>>,
+{
+    let (served, addr) = Served::start(open().await).await;
+    let api = KubeApiserver::start(ApiserverOptions::new([served.endpoint()]))
         .await
         .unwrap();
     let k = |args: &[&str]| -> Result<String, KubeError> { api.kubectl(args) };
@@ -220,27 +276,90 @@ spec:
         ["ADDED", "MODIFIED", "DELETED"],
         "{backend}: the watch from {rv} saw every change in order"
     );
+
+    // The gateway restarts underneath the apiserver while a client watches through it: the
+    // apiserver recovers by itself and the watch sees a change made after the restart.
+    let rv = k(&[
+        "get",
+        "cm",
+        "-n",
+        "e2e",
+        "cm-00003",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ])
+    .unwrap();
+    let (kubeconfig, watch_path) = (
+        api.admin_kubeconfig(),
+        format!("/api/v1/namespaces/e2e/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=20"),
+    );
+    let watching = tokio::task::spawn_blocking(move || {
+        kmetal_testkit::kube::kubectl(&kubeconfig, &["get", "--raw", &watch_path])
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let served = served.restart(open().await, addr).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match k(&[
+            "create",
+            "configmap",
+            "after-restart",
+            "-n",
+            "e2e",
+            "--from-literal=v=1",
+        ]) {
+            Ok(_) => break,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{backend}: the apiserver did not recover after the restart: {e}"),
+        }
+    }
+    let events = watching.await.unwrap().unwrap();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.starts_with("{\"type\":\"ADDED\"")
+                && l.contains("\"name\":\"after-restart\"")),
+        "{backend}: the watch opened before the restart saw the ConfigMap created after it"
+    );
+    let all = k(&["get", "cm", "-n", "e2e", "--chunk-size=500", "-o", "name"]).unwrap();
+    assert_eq!(
+        names(&all, "configmap/cm-"),
+        CONFIGMAPS,
+        "{backend}: nothing lost"
+    );
     assert!(api.log_tail(500).lines().all(|l| !l.contains("panic")));
+    drop(served);
 }
 
-/// The memory driver behind the gateway.
+/// The memory driver behind the gateway (the restarted gateway serves the same store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_scenarios_on_memory() {
-    let store = Arc::new(kmetal_datastore::MemoryStore::new());
-    scenarios("memory", serve(store).await).await;
+    let store: Arc<dyn Datastore> = Arc::new(kmetal_datastore::MemoryStore::new());
+    scenarios("memory", || {
+        let store = store.clone();
+        async move { store }
+    })
+    .await;
 }
 
-/// The SQLite log behind the gateway.
+/// The SQLite log behind the gateway (the restarted gateway opens the file again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_scenarios_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("t.db")))
-        .await
-        .unwrap();
-    scenarios("SQLite", serve(Arc::new(store)).await).await;
+    let path = dir.path().join("t.db");
+    scenarios("SQLite", || {
+        let path = path.clone();
+        async move {
+            let store = SqliteStore::open(SqliteConfig::new(path)).await.unwrap();
+            Arc::new(store) as Arc<dyn Datastore>
+        }
+    })
+    .await;
 }
 
-/// The PostgreSQL log behind the gateway.
+/// The PostgreSQL log behind the gateway (the restarted gateway connects again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_scenarios_on_postgres() {
     let pg = PostgresServer::start(PostgresOptions {
@@ -249,8 +368,13 @@ async fn kubectl_scenarios_on_postgres() {
     })
     .unwrap();
     pg.create_database("e2e").await.unwrap();
-    let store = PgStore::connect(PgConfig::new(pg.conninfo("e2e")))
-        .await
-        .unwrap();
-    scenarios("PostgreSQL", serve(Arc::new(store)).await).await;
+    let url = pg.conninfo("e2e");
+    scenarios("PostgreSQL", || {
+        let url = url.clone();
+        async move {
+            let store = PgStore::connect(PgConfig::new(url)).await.unwrap();
+            Arc::new(store) as Arc<dyn Datastore>
+        }
+    })
+    .await;
 }
