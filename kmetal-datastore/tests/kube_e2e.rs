@@ -28,20 +28,32 @@ struct Served {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Serves `store` on `listener` until the returned sender fires (or is dropped).
+fn gateway(
+    store: Arc<dyn Datastore>,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        Gateway::new(store)
+            .serve_on(listener, None, shutdown)
+            .await
+            .unwrap();
+    });
+    (stop, task)
+}
+
 impl Served {
     async fn start(store: Arc<dyn Datastore>) -> (Self, std::net::SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            Gateway::new(store)
-                .serve_on(listener, None, shutdown)
-                .await
-                .unwrap();
-        });
+        let (stop, task) = gateway(store, listener);
         let proxy = FaultProxy::start(addr).await.unwrap();
         (Self { proxy, stop, task }, addr)
     }
@@ -61,16 +73,7 @@ impl Served {
             .expect("the gateway stops once its connections are gone")
             .unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            Gateway::new(store)
-                .serve_on(listener, None, shutdown)
-                .await
-                .unwrap();
-        });
+        let (stop, task) = gateway(store, listener);
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         proxy.restore();
         Self { proxy, stop, task }
