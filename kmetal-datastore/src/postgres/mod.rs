@@ -408,10 +408,17 @@ impl LogWriter for Conn {
         Ok(self.opt(sql, &[&id]).await?.is_some())
     }
 
-    async fn put(&mut self, rev: Revision, p: &PutRequest) -> Pg<()> {
+    async fn put(&mut self, rev: Revision, p: &PutRequest) -> Pg<Option<KeyValue>> {
+        // PUT finds the predecessor in SQL; the value is read only when asked for.
+        let prev = if p.prev_kv {
+            self.live(&p.key).await?
+        } else {
+            None
+        };
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&rev, &p.key.as_ref(), &p.lease, &p.value.as_ref()];
-        self.exec(PUT, &params).await.map(drop)
+        self.exec(PUT, &params).await?;
+        Ok(prev)
     }
 
     async fn put_many(&mut self, first: Revision, puts: &[&PutRequest]) -> Pg<()> {

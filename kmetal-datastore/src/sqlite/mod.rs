@@ -305,7 +305,7 @@ impl LogWriter for Db {
             .exists(params![id])?)
     }
 
-    async fn put(&mut self, rev: Revision, p: &PutRequest) -> Sql<()> {
+    async fn put(&mut self, rev: Revision, p: &PutRequest) -> Sql<Option<KeyValue>> {
         let prev = self.live(&p.key).await?;
         let last: Option<Revision> = self
             .0
@@ -335,7 +335,7 @@ impl LogWriter for Db {
                  ON CONFLICT (name) DO UPDATE SET rev = excluded.rev",
             )?
             .execute(params![p.key.as_ref(), rev])?;
-        Ok(())
+        Ok(prev.filter(|_| p.prev_kv))
     }
 
     async fn tombstone(&mut self, key: &[u8], rev: Revision) -> Sql<()> {

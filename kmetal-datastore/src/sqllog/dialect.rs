@@ -109,12 +109,16 @@ pub(crate) trait LogWriter: LogRead {
     async fn live(&mut self, key: &[u8]) -> Result<Option<KeyValue>, Self::Error>;
     /// Whether lease `id` exists.
     async fn lease_exists(&mut self, id: LeaseId) -> Result<bool, Self::Error>;
-    /// Writes `p` at `rev` (create revision and version follow from the key's live row).
-    async fn put(&mut self, rev: Revision, p: &PutRequest) -> Result<(), Self::Error>;
+    /// Writes `p` at `rev` (create revision and version follow from the key's live row);
+    /// returns that live row when `p.prev_kv` asks for it (read once, by whichever way the
+    /// dialect already reads it).
+    async fn put(&mut self, rev: Revision, p: &PutRequest)
+    -> Result<Option<KeyValue>, Self::Error>;
     /// Writes puts of distinct keys, without leases, at `first`, `first + 1`, …: a hook for
     /// a multi-row statement.
     async fn put_many(&mut self, first: Revision, puts: &[&PutRequest]) -> Result<(), Self::Error> {
         for (i, p) in (0..).zip(puts) {
+            // Plain puts ask for no previous value.
             self.put(first + i, p).await?;
         }
         Ok(())

@@ -50,7 +50,12 @@ impl Counts {
     }
 
     fn remember(&self, range: &KeyRange, at: Revision, page: &Page) {
-        let (true, Some(last), Ok(mut cache)) = (page.more, page.kvs.last(), self.0.lock()) else {
+        // Only a page with more after it starts a continuation worth remembering; the lock
+        // is taken for those alone.
+        let (true, Some(last)) = (page.more, page.kvs.last()) else {
+            return;
+        };
+        let Ok(mut cache) = self.0.lock() else {
             return;
         };
         if cache.len() >= COUNT_CACHE_SIZE {
@@ -107,7 +112,9 @@ pub(crate) async fn range_in<R: LogRead + ?Sized>(
     }
     let at = past(req.revision, current);
     let at_rev = at.unwrap_or(current);
-    let page = read_range(r, req, at, counts.known(&req.range, at_rev)).await?;
+    let paged = req.limit > 0 && !req.count_only;
+    let known = paged.then(|| counts.known(&req.range, at_rev)).flatten();
+    let page = read_range(r, req, at, known).await?;
     counts.remember(&req.range, at_rev, &page);
     Ok(RangeOutcome::Rows { current, page })
 }

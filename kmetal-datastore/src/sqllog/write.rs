@@ -300,13 +300,7 @@ async fn put<W: LogWriter>(
     if p.lease != 0 && !w.lease_exists(p.lease).await? {
         return Err(DatastoreError::LeaseNotFound { id: p.lease }.into());
     }
-    let prev = if p.prev_kv {
-        w.live(&p.key).await?
-    } else {
-        None
-    };
-    w.put(rev, p).await?;
-    Ok(prev)
+    Ok(w.put(rev, p).await?)
 }
 
 async fn delete<W: LogWriter>(
