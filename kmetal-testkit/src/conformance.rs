@@ -43,6 +43,7 @@ macro_rules! checks {
 /// Every check, by name.
 const CHECKS: &[(&str, Check)] = checks![
     kube_apiserver_shapes,
+    concurrent_guarded_writes,
     paginated_list_and_count,
     ranges_and_options,
     revisions_and_compaction,
@@ -185,6 +186,125 @@ pub async fn next_events(w: &mut WatchStream, n: usize) -> Vec<kmetal_datastore:
         events.extend(next_batch(w).await.events);
     }
     events
+}
+
+/// Runs `futures` concurrently (on this task: the store's own queues batch them), answers in
+/// their order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futures.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.unwrap()).collect()
+}
+
+/// kube-apiserver's creates and updates arriving together, as a busy apiserver sends them:
+/// per key exactly one racing create and one racing update win, each loser's get answers the
+/// winner's row, a create on a missing lease fails alone, and the winners' revisions are
+/// one each, gapless.
+async fn concurrent_guarded_writes(s: &dyn Datastore) {
+    let start = s.status().await.unwrap().revision;
+    let lease = s.lease_grant(60, 0).await.unwrap().id;
+    let keys: Vec<String> = (0..16)
+        .map(|i| format!("/registry/cm/race/{i:02}"))
+        .collect();
+    let mut creates = Vec::new();
+    for attempt in 0..4 {
+        for key in &keys {
+            let mut t = update(key, 0, &format!("{attempt}"));
+            if let RequestOp::Put(p) = &mut t.success[0] {
+                p.lease = lease;
+            }
+            creates.push(s.txn(t));
+        }
+    }
+    let mut orphan = create("/registry/cm/race/orphan", "x");
+    if let RequestOp::Put(p) = &mut orphan.success[0] {
+        p.lease = lease + 1_000_000;
+    }
+    creates.push(s.txn(orphan));
+    let answers = join_all(creates).await;
+    let (orphan, answers) = answers.split_last().unwrap();
+    assert!(
+        matches!(orphan, Err(DatastoreError::LeaseNotFound { .. })),
+        "a create on a missing lease fails: {orphan:?}"
+    );
+    let mut revisions = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let mine: Vec<_> = answers
+            .iter()
+            .skip(i)
+            .step_by(keys.len())
+            .map(|a| a.as_ref().unwrap())
+            .collect();
+        let won: Vec<_> = mine.iter().filter(|a| a.succeeded).collect();
+        assert_eq!(won.len(), 1, "one create of {key} wins");
+        let rev = won[0].revision;
+        revisions.push(rev);
+        for lost in mine.iter().filter(|a| !a.succeeded) {
+            let ResponseOp::Range(current) = &lost.responses[0] else {
+                panic!("a lost create's get answers")
+            };
+            assert_eq!(current.kvs.len(), 1, "{key}: the winner's row");
+            assert_eq!(current.kvs[0].mod_revision, rev);
+            assert_eq!(current.kvs[0].lease, lease);
+        }
+    }
+    // The updates race at the winners' revisions.
+    let updates: Vec<_> = (0..3)
+        .flat_map(|n| {
+            keys.iter()
+                .zip(&revisions)
+                .map(move |(k, r)| s.txn(update(k, *r, &format!("u{n}"))))
+        })
+        .collect();
+    let answers = join_all(updates).await;
+    for (i, key) in keys.iter().enumerate() {
+        let won = answers
+            .iter()
+            .skip(i)
+            .step_by(keys.len())
+            .filter(|a| a.as_ref().unwrap().succeeded)
+            .count();
+        assert_eq!(won, 1, "one update of {key} wins");
+    }
+    revisions.extend(
+        answers
+            .iter()
+            .map(|a| a.as_ref().unwrap())
+            .filter(|a| a.succeeded)
+            .map(|a| a.revision),
+    );
+    revisions.sort_unstable();
+    let first = revisions[0];
+    assert!(first > start);
+    let expected: Vec<i64> = (first..first + revisions.len() as i64).collect();
+    assert_eq!(
+        revisions, expected,
+        "one revision per winning write, gapless"
+    );
+    let all = s
+        .range(RangeRequest::prefix("/registry/cm/race/"))
+        .await
+        .unwrap();
+    assert_eq!(all.count, 16, "nothing else was written");
+    assert!(all.kvs.iter().all(|kv| kv.version == 2));
 }
 
 async fn kube_apiserver_shapes(s: &dyn Datastore) {

@@ -400,6 +400,14 @@ impl EtcdCluster {
             .map_err(EtcdError::Client)
     }
 
+    /// Member `i`'s process id, while running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members
+            .get(i)
+            .and_then(|m| m.process.as_ref())
+            .and_then(Supervised::pid)
+    }
+
     /// Whether member `i`'s process is running.
     pub fn is_running(&mut self, i: usize) -> bool {
         self.members

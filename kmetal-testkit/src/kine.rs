@@ -120,6 +120,11 @@ impl Kine {
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }
+
+    /// Its process id, while running .
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
 }
 
 async fn answers_range(endpoint: String) -> bool {

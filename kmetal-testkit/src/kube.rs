@@ -367,6 +367,11 @@ impl KubeApiserver {
         self.process.as_mut().is_some_and(Supervised::is_running)
     }
 
+    /// Its process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Supervised::pid)
+    }
+
     /// Kills it (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut p) = self.process.take() {

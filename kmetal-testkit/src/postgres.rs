@@ -360,6 +360,12 @@ impl PostgresServer {
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(Supervised::is_running)
     }
+
+    /// The postmaster's process id, while running; its backends are its children (what
+    /// [`crate::process::cpu_time_with_children`] counts with it).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Supervised::pid)
+    }
 }
 
 impl Drop for PostgresServer {

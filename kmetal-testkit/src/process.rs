@@ -111,6 +111,40 @@ pub fn peer_binary(binary: &'static str) -> Result<PathBuf, ProcessError> {
     }
 }
 
+/// User + system ticks of one `/proc/<pid>/stat` line, and its parent's pid.
+fn stat_ticks(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count after it.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// Linux's USER_HZ, the unit of `/proc/<pid>/stat` times, on every architecture we run.
+const TICK: Duration = Duration::from_millis(10);
+
+/// CPU time (user + system) process `pid` has used so far; `None` when it is gone. Linux only.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    Some(TICK * u32::try_from(stat_ticks(pid)?.1).ok()?)
+}
+
+/// [`cpu_time`] of `pid` and its live children: a server's cost in a benchmark, the
+/// PostgreSQL postmaster's backends included.
+pub fn cpu_time_with_children(pid: u32) -> Option<Duration> {
+    let own = stat_ticks(pid)?.1;
+    let children: u64 = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(stat_ticks)
+        .filter(|(ppid, _)| *ppid == pid)
+        .map(|(_, t)| t)
+        .sum();
+    Some(TICK * u32::try_from(own + children).ok()?)
+}
+
 /// How a supervised child is launched.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {
@@ -327,6 +361,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("run scripts/peers.sh"), "{text}");
+    }
+
+    #[test]
+    fn cpu_time_counts_work_done() {
+        let me = std::process::id();
+        let before = cpu_time(me).expect("own stat");
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_time(me).expect("own stat");
+        assert!(
+            after >= before + Duration::from_millis(100),
+            "{before:?} -> {after:?}"
+        );
+        assert!(cpu_time_with_children(me).expect("own stat") >= after);
+        assert_eq!(cpu_time(u32::MAX), None);
     }
 
     #[test]

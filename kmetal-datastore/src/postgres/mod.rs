@@ -174,6 +174,23 @@ const PUT: &str = "WITH prev AS (
     ON CONFLICT (name) DO UPDATE SET rev = EXCLUDED.rev,
         create_revision = EXCLUDED.create_revision, version = EXCLUDED.version";
 
+/// The live rows of the keys the `WHERE` clause picks.
+macro_rules! live_rows {
+    ($where:literal) => {
+        concat!(
+            "SELECT k.name, k.rev, k.create_revision, k.version, k.lease, k.value
+             FROM kmetal_current c JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev
+             WHERE ",
+            $where
+        )
+    };
+}
+
+/// The live row of `$1`.
+const LIVE_ONE: &str = live_rows!("c.name = $1");
+/// The live rows of the keys in `$1`.
+const LIVE_ANY: &str = live_rows!("c.name = ANY($1::bytea[])");
+
 /// [`PUT`] for many keys (distinct) at consecutive revisions, from parallel arrays.
 const PUT_MANY: &str = "WITH input AS (
         SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[])
@@ -392,15 +409,13 @@ impl LogWriter for Conn {
     }
 
     async fn live(&mut self, key: &[u8]) -> Pg<Option<KeyValue>> {
-        let row = self
-            .opt(
-                "SELECT k.name, k.rev, k.create_revision, k.version, k.lease, k.value
-                 FROM kmetal_current c JOIN kmetal_kv k ON k.name = c.name AND k.rev = c.rev
-                 WHERE c.name = $1",
-                &[&key],
-            )
-            .await?;
+        let row = self.opt(LIVE_ONE, &[&key]).await?;
         Ok(row.map(|r| kv_from(&r, false)))
+    }
+
+    async fn live_many(&mut self, keys: &[&[u8]]) -> Pg<Vec<KeyValue>> {
+        let rows = self.all(LIVE_ANY, &[&keys]).await?;
+        Ok(rows.iter().map(|r| kv_from(r, false)).collect())
     }
 
     async fn lease_exists(&mut self, id: LeaseId) -> Pg<bool> {

@@ -107,6 +107,14 @@ pub(crate) trait LogWriter: LogRead {
 
     /// The live row of `key`.
     async fn live(&mut self, key: &[u8]) -> Result<Option<KeyValue>, Self::Error>;
+    /// The live rows of `keys` (distinct), in any order: a hook for one statement.
+    async fn live_many(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>, Self::Error> {
+        let mut rows = Vec::with_capacity(keys.len());
+        for key in keys {
+            rows.extend(self.live(key).await?);
+        }
+        Ok(rows)
+    }
     /// Whether lease `id` exists.
     async fn lease_exists(&mut self, id: LeaseId) -> Result<bool, Self::Error>;
     /// Writes `p` at `rev` (create revision and version follow from the key's live row);
@@ -114,11 +122,10 @@ pub(crate) trait LogWriter: LogRead {
     /// dialect already reads it).
     async fn put(&mut self, rev: Revision, p: &PutRequest)
     -> Result<Option<KeyValue>, Self::Error>;
-    /// Writes puts of distinct keys, without leases, at `first`, `first + 1`, …: a hook for
-    /// a multi-row statement.
+    /// Writes puts of distinct keys at `first`, `first + 1`, … (their leases checked, no
+    /// previous values asked for): a hook for a multi-row statement.
     async fn put_many(&mut self, first: Revision, puts: &[&PutRequest]) -> Result<(), Self::Error> {
         for (i, p) in (0..).zip(puts) {
-            // Plain puts ask for no previous value.
             self.put(first + i, p).await?;
         }
         Ok(())

@@ -17,6 +17,7 @@
 
 pub(crate) mod dialect;
 pub(crate) mod hub;
+pub(crate) mod quick;
 pub(crate) mod read;
 pub(crate) mod write;
 

@@ -2,7 +2,6 @@
 //! gapless, one commit per batch), evaluates etcd transactions, and isolates a failing
 //! request behind a savepoint so the rest of its batch still commits.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -161,14 +160,6 @@ pub(crate) async fn write_loop<W: LogWriter>(
     }
 }
 
-/// A put the fast path may write without a savepoint: it cannot fail on its own.
-fn simple_put(op: &Op) -> Option<&PutRequest> {
-    match op {
-        Op::Put(p) if p.lease == 0 && !p.prev_kv => Some(p),
-        _ => None,
-    }
-}
-
 async fn run_batch<W: LogWriter>(
     w: &mut W,
     jobs: &[Job],
@@ -178,24 +169,12 @@ async fn run_batch<W: LogWriter>(
     let mut results = Vec::with_capacity(jobs.len());
     let mut i = 0;
     while i < jobs.len() {
-        // A run of simple puts of distinct keys goes to the dialect at once (PostgreSQL
-        // writes it in one statement); a repeated key waits for the next run.
-        let mut seen = HashSet::new();
-        let run: Vec<&PutRequest> = jobs[i..]
-            .iter()
-            .map_while(|j| simple_put(&j.op))
-            .take_while(|p| seen.insert(p.key.clone()))
-            .collect();
-        if !run.is_empty() {
-            w.put_many(meta.revision + 1, &run).await?;
-            for _ in &run {
-                meta.revision += 1;
-                results.push(Ok(Done::Put(PutResponse {
-                    revision: meta.revision,
-                    prev_kv: None,
-                })));
-            }
-            i += run.len();
+        // Plain and guarded puts go to the dialect a run at a time (PostgreSQL reads their
+        // keys in one statement and writes them in another).
+        let run = super::quick::run_len(&jobs[i..]);
+        if run > 0 {
+            results.extend(super::quick::apply_run(w, &jobs[i..i + run], &mut meta).await?);
+            i += run;
             continue;
         }
         w.savepoint().await?;

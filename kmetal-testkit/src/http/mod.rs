@@ -1,7 +1,15 @@
-//! A small HTTP/1.1 client for the real peers' health endpoints and a few API calls: one
-//! request per connection (`Connection: close`), over plain TCP or rustls, with the tenant's CA
-//! and client certificate. The harnesses only need to ask "ready?" and post an object or two;
-//! the tests themselves talk to the api-server through the real kubectl.
+//! A small HTTP/1.1 client for the real peers: over plain TCP or rustls, with the tenant's CA
+//! and client certificate.
+//!
+//! - [`Client`] (here): one request per connection (`Connection: close`), for health checks
+//!   and an object or two; the tests themselves talk to the api-server through kubectl.
+//! - [`Session`] (`session.rs`): a kept-alive connection for load (benchmarks send thousands
+//!   of requests, as client-go does over connections it keeps), and [`Lines`], a streamed
+//!   body read line by line (a watch).
+
+mod session;
+
+pub use session::{Lines, Session};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +68,22 @@ pub enum HttpError {
         addr: SocketAddr,
         /// What was wrong.
         what: &'static str,
+    },
+    /// The method or path does not make a request.
+    #[error("not a request")]
+    Request {
+        /// Why.
+        #[source]
+        source: http::Error,
+    },
+    /// A kept-alive exchange failed (the connection closed, a malformed frame).
+    #[error("exchange with {addr} failed")]
+    Exchange {
+        /// The server.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: hyper::Error,
     },
 }
 
@@ -196,19 +220,8 @@ impl Client {
     ) -> Result<Response, HttpError> {
         let addr = self.addr;
         let work = async {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|source| HttpError::Io { addr, source })?;
-            match &self.transport {
-                Transport::Plain => exchange(tcp, addr, method, path, body).await,
-                Transport::Tls { connector, name } => {
-                    let tls = connector
-                        .connect(name.clone(), tcp)
-                        .await
-                        .map_err(|source| HttpError::Io { addr, source })?;
-                    exchange(tls, addr, method, path, body).await
-                }
-            }
+            let stream = self.connect().await?;
+            exchange(stream, addr, method, path, body).await
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -216,6 +229,33 @@ impl Client {
                 addr,
                 timeout: self.timeout,
             })?
+    }
+}
+
+/// A connected stream, TLS or not.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Client {
+    /// Connects (and shakes hands) without a deadline: the callers put one around it.
+    async fn connect(&self) -> Result<Box<dyn Io>, HttpError> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| HttpError::Io { addr, source })?;
+        // Small requests back to back on a kept-alive connection: Nagle would hold each.
+        tcp.set_nodelay(true)
+            .map_err(|source| HttpError::Io { addr, source })?;
+        Ok(match &self.transport {
+            Transport::Plain => Box::new(tcp),
+            Transport::Tls { connector, name } => Box::new(
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|source| HttpError::Io { addr, source })?,
+            ),
+        })
     }
 }
 
