@@ -419,3 +419,151 @@ async fn etcd_quota_is_a_typed_error() {
     let store = EtcdStore::connect(cfg, Keyspace::Dedicated).await.unwrap();
     kmetal_testkit::conformance::quota_exceeded(&store, quota).await;
 }
+
+/// Each tenant of a shared etcd 3.6 compacts only its own view: reads and watches below its
+/// compaction fail (on etcd 3.6 a tenant's role may not compact the cluster at all), another
+/// tenant's history is untouched, a new gateway on the tenant sees its compaction, and the
+/// cluster's operator compacts etcd itself only up to the lowest of its tenants' compactions.
+#[tokio::test]
+async fn shared_tenants_compact_their_own_views() {
+    let cluster = EtcdCluster::start(EtcdOptions {
+        release: kmetal_testkit::EtcdRelease::V36,
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    let p = shared_provisioner(&cluster).await;
+    let a = p
+        .provision(&TenantSlice::with_password("a", "user-a", "pw-a"))
+        .await
+        .unwrap();
+    let b = p
+        .provision(&TenantSlice::with_password("b", "user-b", "pw-b"))
+        .await
+        .unwrap();
+    let (store_a, store_b) = (tenant(&a, None).await, tenant(&b, None).await);
+    let a1 = store_a
+        .put(PutRequest::new("/k", "1"))
+        .await
+        .unwrap()
+        .revision;
+    let b1 = store_b
+        .put(PutRequest::new("/k", "1"))
+        .await
+        .unwrap()
+        .revision;
+    let a2 = store_a
+        .put(PutRequest::new("/k", "2"))
+        .await
+        .unwrap()
+        .revision;
+    store_b.put(PutRequest::new("/k", "2")).await.unwrap();
+
+    // Each tenant's revision is its own last write's, whatever the others write.
+    let seen = |r: kmetal_datastore::model::RangeResponse| r.revision;
+    assert_eq!(
+        seen(store_a.range(RangeRequest::get("/k")).await.unwrap()),
+        a2
+    );
+    assert_eq!(store_a.status().await.unwrap().revision, a2);
+    store_a.compact(a2).await.unwrap();
+    assert_eq!(
+        seen(store_a.range(RangeRequest::get("/k")).await.unwrap()),
+        a2,
+        "a compaction moves no revision"
+    );
+    let nothing = store_a
+        .delete_range(DeleteRangeRequest::key("/absent"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (nothing.deleted, nothing.revision),
+        (0, a2),
+        "deleting nothing moves none"
+    );
+    let below = store_a.range(RangeRequest::get("/k").at_revision(a1)).await;
+    assert!(
+        matches!(below, Err(DatastoreError::Compacted { requested, compacted }) if requested == a1 && compacted == a2),
+        "{below:?}"
+    );
+    let watch = store_a.watch(WatchRequest::prefix("/", a1)).await;
+    assert!(matches!(watch, Err(DatastoreError::Compacted { .. })));
+    assert!(matches!(
+        store_a.compact(a1).await,
+        Err(DatastoreError::Compacted { .. })
+    ));
+    assert_eq!(store_a.status().await.unwrap().compact_revision, a2);
+    let old_b = store_b
+        .range(RangeRequest::get("/k").at_revision(b1))
+        .await
+        .unwrap();
+    assert_eq!(old_b.kvs[0].value, "1", "b's history stays");
+    assert_eq!(store_b.status().await.unwrap().compact_revision, 0);
+
+    let again = tenant(&a, None).await;
+    assert!(matches!(
+        again.range(RangeRequest::get("/k").at_revision(a1)).await,
+        Err(DatastoreError::Compacted { .. })
+    ));
+
+    // b has never compacted: etcd stays whole; once it has, etcd goes up to the lower one.
+    assert_eq!(p.compact_shared(&["a", "b"]).await.unwrap(), None);
+    let b3 = store_b
+        .put(PutRequest::new("/k", "3"))
+        .await
+        .unwrap()
+        .revision;
+    store_b.compact(b3).await.unwrap();
+    assert_eq!(p.compact_shared(&["a", "b"]).await.unwrap(), Some(a2));
+    let root_login = ConnectOptions::new().with_user("root", ROOT_PASSWORD);
+    let mut root = Client::connect(cluster.endpoints(), Some(root_login))
+        .await
+        .unwrap();
+    let raw = root
+        .get("/b//k", Some(GetOptions::new().with_revision(b1)))
+        .await;
+    assert!(raw.is_err(), "etcd itself is compacted up to {a2}");
+}
+
+/// Provisioning other tenants moves etcd's auth revision, which makes etcd refuse requests
+/// carrying an older token ("revision of auth store is old"): the store renews its token and
+/// every write and watch goes on.
+#[tokio::test]
+async fn requests_go_on_while_other_tenants_are_provisioned() {
+    let cluster = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let p = shared_provisioner(&cluster).await;
+    let a = p
+        .provision(&TenantSlice::with_password("busy", "user-busy", "pw"))
+        .await
+        .unwrap();
+    let store = tenant(&a, None).await;
+    let mut w = store.watch(WatchRequest::prefix("/", 0)).await.unwrap();
+    let provisioning = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            for i in 0..6 {
+                let slice = TenantSlice::with_password(format!("new{i}"), format!("u{i}"), "pw");
+                p.provision(&slice).await.unwrap();
+            }
+        })
+    };
+    let mut written = 0;
+    while !provisioning.is_finished() || written < 20 {
+        store
+            .put(PutRequest::new(format!("/k{written}"), "v"))
+            .await
+            .unwrap_or_else(|e| panic!("write {written} while provisioning: {e:?}"));
+        written += 1;
+    }
+    provisioning.await.unwrap();
+    let mut seen = 0;
+    while seen < written {
+        let batch = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("the watch goes on")
+            .expect("open")
+            .expect("no error");
+        seen += batch.events.len();
+    }
+    assert_eq!(seen, written);
+}

@@ -293,6 +293,18 @@ fn report_failures(reports: &[Report]) {
     for (test, backends) in &failed {
         println!("fails {test} on {}", backends.join(", "));
     }
+    for r in reports {
+        for t in r.top_level(Outcome::Fail) {
+            let lines: Vec<String> = r
+                .output_of(t)
+                .lines()
+                .filter(|l| l.contains(".go:"))
+                .take(8)
+                .map(str::to_owned)
+                .collect();
+            println!("{} {:?} {t}:\n{}", r.backend, r.package, lines.join("\n"));
+        }
+    }
     assert!(
         reports
             .iter()

@@ -32,6 +32,10 @@ pub(crate) enum Kind {
     LeaseExists,
     TtlTooLarge,
     PermissionDenied,
+    /// The token is expired, or older than the cluster's last auth change (another tenant's
+    /// user or role was added): etcd refused the request unapplied, and a new token makes it
+    /// valid again unless the credentials themselves were revoked.
+    StaleAuth,
     QuotaExceeded,
     Unavailable,
     Backend,
@@ -53,7 +57,8 @@ const MESSAGES: &[(&str, Kind)] = &[
     ("too large lease TTL", Kind::TtlTooLarge),
     ("database space exceeded", Kind::QuotaExceeded),
     ("permission denied", Kind::PermissionDenied),
-    ("invalid auth token", Kind::PermissionDenied),
+    ("invalid auth token", Kind::StaleAuth),
+    ("revision of auth store is old", Kind::StaleAuth),
     ("authentication failed", Kind::PermissionDenied),
     ("user name is empty", Kind::PermissionDenied),
     ("user name not found", Kind::PermissionDenied),
@@ -66,7 +71,6 @@ const MESSAGES: &[(&str, Kind)] = &[
     ("server stopped", Kind::Unavailable),
     ("too many requests", Kind::Unavailable),
     ("unhealthy cluster", Kind::Unavailable),
-    ("revision of auth store is old", Kind::Unavailable),
 ];
 
 /// Classifies a server message (a watch's cancel reason, a status message).
@@ -124,7 +128,7 @@ pub(crate) fn simple(
     Ok(match kind {
         Kind::EmptyKey => DatastoreError::EmptyKey,
         Kind::DuplicateKey => DatastoreError::DuplicateKey,
-        Kind::PermissionDenied => DatastoreError::PermissionDenied {
+        Kind::PermissionDenied | Kind::StaleAuth => DatastoreError::PermissionDenied {
             source: Some(Box::new(e)),
         },
         Kind::Unavailable => DatastoreError::unavailable(e),

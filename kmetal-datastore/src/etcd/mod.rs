@@ -4,7 +4,9 @@
 //! In shared mode the tenant's keys live under `/<schema>/`. The store rewrites every key,
 //! range end, compare and watch into that prefix and strips it from what comes back; etcd's
 //! RBAC (a role with READWRITE on exactly that range) makes the confinement hold even against
-//! a client that bypasses this driver.
+//! a client that bypasses this driver. A tenant sees its own revision and compacts only its
+//! own view (`tenant.rs`; the requests that carry it, `shared.rs`): etcd's revision and
+//! compaction are the cluster's.
 //!
 //! Writes are never retried: after a timeout or a lost connection the outcome of a write is
 //! unknown, and only the caller knows whether repeating it is safe. Watches are different:
@@ -12,8 +14,11 @@
 //! sees every event once across a member failure.
 
 mod config;
+mod dispatch;
 mod errors;
 mod provision;
+mod shared;
+mod tenant;
 
 pub use config::{EtcdConfig, EtcdPassword, EtcdTls, Keyspace};
 pub use errors::RequestTimeout;
@@ -83,6 +88,13 @@ pub struct EtcdStore {
     config: EtcdConfig,
     /// Highest compaction revision seen; compaction only moves forward.
     compacted: Arc<AtomicI64>,
+    /// The tenant's own compaction, in shared mode.
+    tenant: Option<Arc<tenant::TenantView>>,
+    /// When the auth token was last renewed: requests refused for a stale token renew it
+    /// once between them, not once each (authenticating costs etcd a bcrypt).
+    renewed: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
+    /// What each live watch has handed on (the gateway's progress answers wait on it).
+    watches: Arc<dispatch::Registry>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -102,16 +114,33 @@ impl EtcdStore {
     /// is readable, so bad credentials fail here rather than on first use.
     pub async fn connect(config: EtcdConfig, keyspace: Keyspace) -> Result<Self> {
         let client = connect_client(&config, true).await?;
+        let tenant = match &keyspace {
+            Keyspace::Dedicated => None,
+            Keyspace::Shared { .. } => Some(Arc::new(tenant::TenantView::new(&keyspace.prefix()))),
+        };
         let store = Self {
             client,
             prefixer: Prefixer::new(&keyspace),
             keyspace,
             config,
             compacted: Arc::new(AtomicI64::new(0)),
+            tenant,
+            renewed: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
+            watches: Arc::default(),
         };
         store
             .range(RangeRequest::get(Bytes::from_static(b"\0")).count_only())
             .await?;
+        if let Some(t) = &store.tenant {
+            store
+                .run(
+                    "read the tenant's compaction",
+                    Ctx::default(),
+                    Retry::Reads,
+                    || t.load(&store.client),
+                )
+                .await?;
+        }
         Ok(store)
     }
 
@@ -144,8 +173,15 @@ impl EtcdStore {
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
+            let sent = tokio::time::Instant::now();
             match tokio::time::timeout_at(deadline, make()).await {
                 Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if errors::classify(&e) == Kind::StaleAuth => {
+                    // Refused unapplied, so safe to repeat even for a write.
+                    if !self.renew_token(sent, deadline).await {
+                        return Err(self.fail(e, ctx).await);
+                    }
+                }
                 Ok(Err(e)) => {
                     let again = errors::classify(&e) == Kind::Unavailable
                         && (retry == Retry::Reads || errors::not_sent(&e))
@@ -163,6 +199,29 @@ impl EtcdStore {
                     }));
                 }
             }
+        }
+    }
+
+    /// Renews the auth token after a request sent at `sent` was refused for a stale one,
+    /// unless another request renewed it since; false when renewing failed (revoked
+    /// credentials) or `deadline` passed.
+    async fn renew_token(
+        &self,
+        sent: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let Ok(mut renewed) = tokio::time::timeout_at(deadline, self.renewed.lock()).await else {
+            return false;
+        };
+        if *renewed > sent {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, self.client.refresh_token()).await {
+            Ok(Ok(())) => {
+                *renewed = tokio::time::Instant::now();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -219,6 +278,12 @@ impl EtcdStore {
         }
     }
 
+    /// The revision as this store's caller sees it (the tenant's, in shared mode).
+    async fn own_revision(&self) -> Result<Revision> {
+        let probe = RangeRequest::get(Bytes::from_static(b"\0")).count_only();
+        Ok(self.range(probe).await?.revision)
+    }
+
     async fn current_revision(&self) -> Option<Revision> {
         self.probe(0).await.ok()
     }
@@ -233,9 +298,10 @@ impl EtcdStore {
                 Err(_) => None,
             }
         };
+        let own = self.tenant.as_ref().map_or(0, |t| t.compacted());
         let known = self.compacted.load(Ordering::Relaxed);
         if !compacted(self.probe(known.max(1)).await)? {
-            return Some(known);
+            return Some(known.max(own));
         }
         let (mut lo, mut hi) = (known.max(1), self.current_revision().await?);
         // Invariant: reading at lo fails, reading at hi succeeds.
@@ -248,7 +314,7 @@ impl EtcdStore {
             }
         }
         self.compacted.fetch_max(hi, Ordering::Relaxed);
-        Some(hi)
+        Some(hi.max(own))
     }
 
     async fn db_size(&self) -> Option<u64> {
@@ -477,6 +543,10 @@ impl Datastore for EtcdStore {
         if req.range.key.is_empty() {
             return Err(DatastoreError::EmptyKey);
         }
+        if let Some(t) = &self.tenant {
+            t.check(req.revision)?;
+            return self.shared_range(t, req).await;
+        }
         let (key, opts) = self.get_options(&req);
         let ctx = Ctx {
             revision: req.revision,
@@ -499,6 +569,9 @@ impl Datastore for EtcdStore {
             size: req.key.len() + req.value.len(),
             ..Ctx::default()
         };
+        if let Some(t) = &self.tenant {
+            return self.shared_put(t, req, ctx).await;
+        }
         let (k, v, o) = self.put_parts(&req);
         let r = self
             .run("put", ctx, Retry::NotSent, || {
@@ -517,6 +590,9 @@ impl Datastore for EtcdStore {
     async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         if req.range.key.is_empty() {
             return Err(DatastoreError::EmptyKey);
+        }
+        if let Some(t) = &self.tenant {
+            return self.shared_delete(t, req).await;
         }
         let (k, o) = self.delete_options(&req);
         let r = self
@@ -541,6 +617,10 @@ impl Datastore for EtcdStore {
             lease: first_lease(&req),
             ..Ctx::default()
         };
+        if let Some(t) = &self.tenant {
+            t.check_txn(&req)?;
+            return self.shared_txn(t, &req, ctx).await;
+        }
         let txn = self.txn(&req);
         let retry = if is_read_only(&req) {
             Retry::Reads
@@ -562,6 +642,14 @@ impl Datastore for EtcdStore {
             revision,
             ..Ctx::default()
         };
+        if let Some(t) = &self.tenant {
+            let at = self
+                .run("compact", ctx, Retry::NotSent, || {
+                    t.compact(&self.client, revision)
+                })
+                .await??;
+            return Ok(CompactResponse { revision: at });
+        }
         let r = self
             .run("compact", ctx, Retry::NotSent, || {
                 let mut kv = self.kv_client();
@@ -577,6 +665,9 @@ impl Datastore for EtcdStore {
     async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {
         if req.range.key.is_empty() {
             return Err(DatastoreError::EmptyKey);
+        }
+        if let Some(t) = &self.tenant {
+            t.check(req.start_revision)?;
         }
         // etcd reports a compacted start revision asynchronously on the stream; asking first
         // lets the caller get the error from `watch` itself, as from every other driver.
@@ -602,7 +693,8 @@ impl Datastore for EtcdStore {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(watch_loop(self.clone(), req, tx, ready_tx));
+        let tracked = self.watches.register();
+        let task = tokio::spawn(watch_loop(self.clone(), req, tx, ready_tx, tracked));
         let guard = AbortOnDrop(task.abort_handle());
         match ready_rx.await {
             Ok(Ok(())) => Ok(WatchStream::new(rx, guard)),
@@ -638,13 +730,23 @@ impl Datastore for EtcdStore {
             lease: id,
             ..Ctx::default()
         };
+        // etcd deletes a revoked lease's keys at a revision of its own: the tenant's marker
+        // follows it when some of them were this tenant's.
+        let touches = match &self.tenant {
+            Some(_) => !self.lease_time_to_live(id, true).await?.keys.is_empty(),
+            None => false,
+        };
         let r = self
             .run("lease revoke", ctx, Retry::NotSent, || {
                 let mut l = self.client.lease_client();
                 async move { l.revoke(id).await }
             })
             .await?;
-        Ok(r.0.header.map_or(0, |h| h.revision))
+        match &self.tenant {
+            Some(t) if touches => self.shared_touch(t).await,
+            Some(_) => self.own_revision().await,
+            None => Ok(r.0.header.map_or(0, |h| h.revision)),
+        }
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
@@ -713,6 +815,10 @@ impl Datastore for EtcdStore {
         Ok(r.leases().iter().map(|s| s.id()).collect())
     }
 
+    async fn watch_dispatched(&self) -> Option<Revision> {
+        Some(self.watches.dispatched())
+    }
+
     async fn status(&self) -> Result<Status> {
         let r = self
             .run("status", Ctx::default(), Retry::Reads, || {
@@ -729,7 +835,10 @@ impl Datastore for EtcdStore {
             }
         };
         Ok(Status {
-            revision: r.header().map_or(0, |h| h.revision()),
+            revision: match &self.tenant {
+                Some(_) => self.own_revision().await?,
+                None => r.header().map_or(0, |h| h.revision()),
+            },
             compact_revision,
             db_size: u64::try_from(r.db_size()).unwrap_or(0),
         })
@@ -772,6 +881,7 @@ async fn watch_loop(
     req: WatchRequest,
     tx: mpsc::UnboundedSender<Result<WatchBatch>>,
     ready: Ready,
+    tracked: Arc<dispatch::Tracked>,
 ) {
     let mut ready = Some(ready);
     // 0 until the first watch is created; then the first revision not yet delivered.
@@ -779,7 +889,7 @@ async fn watch_loop(
     let mut broken_since: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let outcome = watch_once(&store, &req, &mut next, &tx, &mut ready).await;
+        let outcome = watch_once(&store, &req, &mut next, &tx, &mut ready, &tracked).await;
         let err = match outcome {
             WatchEnd::ConsumerGone => return,
             WatchEnd::Fatal(e) => return report(e, &mut ready, &tx),
@@ -837,9 +947,11 @@ async fn watch_once(
     next: &mut Revision,
     tx: &mpsc::UnboundedSender<Result<WatchBatch>>,
     ready: &mut Option<Ready>,
+    tracked: &dispatch::Tracked,
 ) -> WatchEnd {
     let (key, opts) = store.watch_options(req, *next);
     let mut w = store.client.watch_client();
+    let sent = tokio::time::Instant::now();
     let created =
         tokio::time::timeout(store.config.request_timeout, w.watch(key, Some(opts))).await;
     let mut stream = match created {
@@ -850,6 +962,17 @@ async fn watch_once(
                     error: Box::new(e),
                     delivered: false,
                 },
+                Kind::StaleAuth => {
+                    let until = tokio::time::Instant::now() + store.config.request_timeout;
+                    if store.renew_token(sent, until).await {
+                        WatchEnd::Broken {
+                            error: Box::new(e),
+                            delivered: false,
+                        }
+                    } else {
+                        WatchEnd::Fatal(store.fail(e, Ctx::default()).await)
+                    }
+                }
                 _ => WatchEnd::Fatal(store.fail(e, Ctx::default()).await),
             };
         }
@@ -883,6 +1006,12 @@ async fn watch_once(
             tokio::select! {
                 m = stream.message() => m,
                 () = tx.closed() => return WatchEnd::ConsumerGone,
+                () = tracked.ask.notified() => {
+                    // Answered on this stream once every event before it has been sent; a
+                    // failure here shows up on the stream itself.
+                    let _ = stream.request_progress().await;
+                    continue;
+                }
             }
         };
         let resp = match msg {
@@ -908,10 +1037,19 @@ async fn watch_once(
                     compacted: resp.compact_revision,
                 });
             }
-            return match errors::classify_message(&resp.cancel_reason) {
-                Some(Kind::PermissionDenied) => WatchEnd::Fatal(DatastoreError::PermissionDenied {
+            let kind = errors::classify_message(&resp.cancel_reason);
+            let until = tokio::time::Instant::now() + store.config.request_timeout;
+            let denied = match kind {
+                Some(Kind::PermissionDenied) => true,
+                Some(Kind::StaleAuth) => !store.renew_token(sent, until).await,
+                _ => false,
+            };
+            if denied {
+                return WatchEnd::Fatal(DatastoreError::PermissionDenied {
                     source: Some(resp.cancel_reason.into()),
-                }),
+                });
+            }
+            return match kind {
                 // "no leader" and friends: try again elsewhere.
                 _ => WatchEnd::Broken {
                     error: format!("etcd cancelled the watch: {}", resp.cancel_reason).into(),
@@ -923,20 +1061,33 @@ async fn watch_once(
             if *next == 0 {
                 *next = header_rev + 1;
             }
+            tracked.handed(*next - 1);
             if let Some(r) = ready.take() {
                 let _ = r.send(Ok(()));
             }
             continue;
         }
         if resp.events.is_empty() {
-            if req.progress_notify
-                && tx
-                    .send(Ok(WatchBatch {
-                        revision: header_rev,
-                        events: Vec::new(),
-                    }))
-                    .is_err()
-            {
+            // A progress answer: every event up to etcd's revision has been sent before it.
+            tracked.handed(header_rev);
+            if !req.progress_notify {
+                continue;
+            }
+            // Every event up to etcd's revision has been sent; a tenant is told the same in
+            // its own revisions: its revision now if that is no later, never below what it
+            // was sent.
+            let revision = match &store.tenant {
+                Some(_) => match store.own_revision().await {
+                    Ok(own) => own.min(header_rev).max(*next - 1),
+                    Err(_) => continue,
+                },
+                None => header_rev,
+            };
+            let progress = WatchBatch {
+                revision,
+                events: Vec::new(),
+            };
+            if tx.send(Ok(progress)).is_err() {
                 return WatchEnd::ConsumerGone;
             }
             continue;
@@ -969,11 +1120,17 @@ async fn watch_once(
         *next = last + 1;
         delivered = true;
         let batch = WatchBatch {
-            revision: header_rev.max(last),
+            // etcd's revision may be other tenants'; the last event's is this tenant's.
+            revision: if store.tenant.is_some() {
+                last
+            } else {
+                header_rev.max(last)
+            },
             events: events.into_iter().map(|(_, e)| e).collect(),
         };
         if tx.send(Ok(batch)).is_err() {
             return WatchEnd::ConsumerGone;
         }
+        tracked.handed(last);
     }
 }

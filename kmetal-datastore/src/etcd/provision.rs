@@ -119,6 +119,8 @@ mod step {
     pub const DELETE_KEYS: &str = "delete keys";
     pub const DELETE_USER: &str = "delete user";
     pub const DELETE_ROLE: &str = "delete role";
+    pub const READ_COMPACTIONS: &str = "read the tenants' compactions";
+    pub const COMPACT: &str = "compact the cluster";
 }
 
 impl EtcdProvisioner {
@@ -178,12 +180,63 @@ impl EtcdProvisioner {
         })
     }
 
+    /// Compacts the shared cluster up to the lowest compaction of the tenants with `schemas`
+    /// (each tenant compacts only its own view, `tenant.rs`): history none of them can read
+    /// any more goes, history any of them still reads stays. The revision compacted to, or
+    /// `None` when one of them has never compacted or the cluster is compacted that far.
+    pub async fn compact_shared(
+        &self,
+        schemas: &[&str],
+    ) -> Result<Option<crate::model::Revision>, ProvisionError> {
+        let prefixes = schemas
+            .iter()
+            .map(|s| Ok(Keyspace::shared(*s)?.prefix()))
+            .collect::<Result<Vec<_>, crate::provision::SchemaError>>()
+            .map_err(ProvisionError::InvalidSchema)?;
+        let step = |step, source| ProvisionError::Step { step, source };
+        let read = super::tenant::compactions(&self.admin, &prefixes);
+        let lowest = match self.deadline(step::READ_COMPACTIONS, read).await? {
+            Ok(all) => all.into_iter().min().unwrap_or(0),
+            Err(e) => return Err(step(step::READ_COMPACTIONS, admin_error(e))),
+        };
+        if lowest == 0 {
+            return Ok(None);
+        }
+        let mut c = self.admin.clone();
+        match self
+            .deadline(step::COMPACT, c.compact(lowest, None))
+            .await?
+        {
+            Ok(_) => Ok(Some(lowest)),
+            Err(e) if errors::classify(&e) == errors::Kind::Compacted => Ok(None),
+            Err(e) => Err(step(step::COMPACT, admin_error(e))),
+        }
+    }
+
     fn keyspace(&self, slice: &TenantSlice) -> Result<Keyspace, ProvisionError> {
         if self.dedicated {
             Ok(Keyspace::Dedicated)
         } else {
             Keyspace::shared(slice.schema.clone()).map_err(ProvisionError::InvalidSchema)
         }
+    }
+
+    /// Runs an admin call under the request deadline: its answer, or the step failed
+    /// unavailable.
+    async fn deadline<T>(
+        &self,
+        step: &'static str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<Result<T, etcd_client::Error>, ProvisionError> {
+        tokio::time::timeout(self.config.request_timeout, fut)
+            .await
+            .map_err(|_| ProvisionError::Step {
+                step,
+                source: DatastoreError::unavailable(RequestTimeout {
+                    op: step,
+                    after: self.config.request_timeout,
+                }),
+            })
     }
 
     /// Runs an admin call under the request deadline; `tolerated` names the server message
@@ -194,23 +247,16 @@ impl EtcdProvisioner {
         tolerated: Option<&str>,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<(), ProvisionError> {
-        match tokio::time::timeout(self.config.request_timeout, fut).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+        match self.deadline(step, fut).await? {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(s))
                 if tolerated.is_some_and(|t| s.message().contains(t)) =>
             {
                 Ok(())
             }
-            Ok(Err(e)) => Err(ProvisionError::Step {
+            Err(e) => Err(ProvisionError::Step {
                 step,
                 source: admin_error(e),
-            }),
-            Err(_) => Err(ProvisionError::Step {
-                step,
-                source: DatastoreError::unavailable(RequestTimeout {
-                    op: step,
-                    after: self.config.request_timeout,
-                }),
             }),
         }
     }
