@@ -1049,12 +1049,10 @@ async fn watch_once(
                     source: Some(resp.cancel_reason.into()),
                 });
             }
-            return match kind {
-                // "no leader" and friends: try again elsewhere.
-                _ => WatchEnd::Broken {
-                    error: format!("etcd cancelled the watch: {}", resp.cancel_reason).into(),
-                    delivered,
-                },
+            // "no leader", a renewed token and friends: try again.
+            return WatchEnd::Broken {
+                error: format!("etcd cancelled the watch: {}", resp.cancel_reason).into(),
+                delivered,
             };
         }
         if resp.created {
