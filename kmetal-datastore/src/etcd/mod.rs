@@ -1068,7 +1068,10 @@ async fn watch_once(
         if resp.events.is_empty() {
             // A progress answer: every event up to etcd's revision has been sent before it.
             tracked.handed(header_rev);
-            if !req.progress_notify {
+            // Watch id -1 answers a progress request the driver made for the gateway's
+            // accounting: it is no notification this watch's consumer asked for (a request on
+            // one client stream must not reach another's watches).
+            if !req.progress_notify || resp.watch_id == -1 {
                 continue;
             }
             // Every event up to etcd's revision has been sent; a tenant is told the same in

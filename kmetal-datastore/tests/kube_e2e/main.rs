@@ -1,5 +1,5 @@
 //! kubectl against a real kube-apiserver and kube-controller-manager on kmetal's gateway, per
-//! backend (memory, SQLite, PostgreSQL): 2,000 ConfigMaps and a CRD with 1,000 custom resources
+//! backend (memory, SQLite, PostgreSQL, a tenant slice of a shared etcd with RBAC): 2,000 ConfigMaps and a CRD with 1,000 custom resources
 //! listed in chunks of 500, selectors, a 409 on a stale update, watches from a resourceVersion,
 //! watch-list and consistent reads from the watch cache, finalizers and garbage collection,
 //! events on a second datastore, compaction driven by the apiserver, and a restart of the
@@ -18,7 +18,11 @@ use kmetal_datastore::Datastore;
 use kmetal_datastore::postgres::{PgConfig, PgStore};
 use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
 use kmetal_testkit::kube::{ApiserverOptions, Controller, KubeController, KubeError};
-use kmetal_testkit::{KubeApiserver, PostgresOptions, PostgresServer};
+use kmetal_datastore::etcd::{AuthBootstrap, EtcdConfig, EtcdProvisioner, EtcdStore};
+use kmetal_datastore::provision::{Provisioner, TenantSlice};
+use kmetal_testkit::{
+    EtcdCluster, EtcdOptions, EtcdRelease, KubeApiserver, PostgresOptions, PostgresServer,
+};
 
 use served::Served;
 
@@ -189,4 +193,39 @@ async fn kubectl_scenarios_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let events = sqlite_store(dir.path().join("events.db")).await;
     scenarios("PostgreSQL", || pg_store(&pg, "e2e"), events).await;
+}
+
+/// A tenant slice (prefix + RBAC user) of a shared etcd 3.6 behind the gateway (the restarted
+/// gateway connects again with the tenant's credentials), events on a second tenant's slice
+/// of the same cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn kubectl_scenarios_on_shared_etcd() {
+    let cluster = EtcdCluster::start(EtcdOptions {
+        release: EtcdRelease::V36,
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    let bootstrap = AuthBootstrap::EnableWithRoot {
+        password: "root-secret".into(),
+    };
+    let provisioner = EtcdProvisioner::shared(EtcdConfig::new(cluster.endpoints()), bootstrap)
+        .await
+        .unwrap();
+    let mut slices = Vec::new();
+    for schema in ["e2e", "e2e_events"] {
+        let slice = TenantSlice::with_password(schema, schema, "tenant-secret");
+        slices.push(provisioner.provision(&slice).await.unwrap());
+    }
+    let connect = |i: usize| {
+        let creds = slices[i].clone();
+        async move {
+            let store = EtcdStore::connect(creds.config(None), creds.keyspace.clone())
+                .await
+                .unwrap();
+            Arc::new(store) as Arc<dyn Datastore>
+        }
+    };
+    let events = connect(1).await;
+    scenarios("shared etcd", || connect(0), events).await;
 }
