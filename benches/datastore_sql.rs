@@ -55,8 +55,8 @@ fn main() {
         println!("put, {WRITERS} writers, 1 KiB: etcd {e_tp:.0}/s, postgres {p_tp:.0}/s = {:.2}x (target >= 0.5x)", p_tp / e_tp);
 
         let n = if quick { 10 } else { 300 };
-        let (e50, e99) = watch_latency(etcd_store.clone(), etcd_store.clone(), n).await;
-        let (p50, p99) = watch_latency(pg_store.clone(), pg_other.clone(), n).await;
+        let common::Latency { p50: e50, p99: e99, .. } = watch_latency(etcd_store.clone(), etcd_store.clone(), n).await;
+        let common::Latency { p50, p99, .. } = watch_latency(pg_store.clone(), pg_other.clone(), n).await;
         println!(
             "watch latency write -> event: etcd p50 {e50:.2} ms p99 {e99:.2} ms; postgres (second store) p50 {p50:.2} ms p99 {p99:.2} ms (target p99 <= 10 ms)"
         );

@@ -68,7 +68,8 @@ fn main() {
         let n = if quick { 10 } else { 300 };
         println!("watch latency write -> event:");
         for (name, s) in &subjects {
-            let (p50, p99) = watch_latency((*s).clone(), (*s).clone(), n).await;
+            let common::Latency { p50, p99, .. } =
+                watch_latency((*s).clone(), (*s).clone(), n).await;
             println!("  {name:<18} p50 {p50:.2} ms  p99 {p99:.2} ms");
         }
 

@@ -198,32 +198,59 @@ pub async fn list_n(s: &Arc<dyn Datastore>, n: usize) -> Duration {
     start.elapsed()
 }
 
-/// Create on `writer`, time until `watcher` delivers the event; percentiles in ms.
+/// Watch latency percentiles, in ms.
+pub struct Latency {
+    /// Create sent -> event delivered, median.
+    pub p50: f64,
+    /// Create sent -> event delivered, 99th percentile.
+    pub p99: f64,
+    /// Create answered -> event delivered, 99th percentile (0 when the event came first):
+    /// the watch path alone, without the write's own commit.
+    pub after_answer_p99: f64,
+}
+
+/// Create on `writer`, time until `watcher` delivers the event.
 pub async fn watch_latency(
     writer: Arc<dyn Datastore>,
     watcher: Arc<dyn Datastore>,
     n: usize,
-) -> (f64, f64) {
+) -> Latency {
     let mut w = watcher
         .watch(WatchRequest::prefix("/lat/", 0))
         .await
         .unwrap();
     let mut samples = Vec::with_capacity(n);
+    let mut after = Vec::with_capacity(n);
     for i in 0..n {
         let start = Instant::now();
-        writer
-            .txn(create(format!("/lat/{i}"), b"x".to_vec()))
-            .await
-            .unwrap();
-        loop {
-            let b = w.next().await.unwrap().unwrap();
-            if b.events.iter().any(|e| e.kv.key == format!("/lat/{i}")) {
-                break;
+        let key = format!("/lat/{i}");
+        let mut write = std::pin::pin!(writer.txn(create(key.clone(), b"x".to_vec())));
+        let mut answered = None;
+        let mut seen = None;
+        while answered.is_none() || seen.is_none() {
+            tokio::select! {
+                r = &mut write, if answered.is_none() => {
+                    r.unwrap();
+                    answered = Some(Instant::now());
+                }
+                b = w.next(), if seen.is_none() => {
+                    let b = b.unwrap().unwrap();
+                    if b.events.iter().any(|e| e.kv.key == key) {
+                        seen = Some(Instant::now());
+                    }
+                }
             }
         }
-        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+        let (answered, seen) = (answered.unwrap(), seen.unwrap());
+        samples.push((seen - start).as_secs_f64() * 1000.0);
+        after.push(seen.saturating_duration_since(answered).as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     samples.sort_by(f64::total_cmp);
-    (samples[n / 2], samples[n * 99 / 100])
+    after.sort_by(f64::total_cmp);
+    Latency {
+        p50: samples[n / 2],
+        p99: samples[n * 99 / 100],
+        after_answer_p99: after[n * 99 / 100],
+    }
 }

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kmetal_datastore::Datastore;
+use kmetal_datastore::etcd::{AuthBootstrap, EtcdConfig, EtcdProvisioner, EtcdStore};
 use kmetal_datastore::postgres::{PgConfig, PgStore};
+use kmetal_datastore::provision::{Provisioner, TenantSlice};
 use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
 use kmetal_testkit::kube::{ApiserverOptions, Controller, KubeController, KubeError};
-use kmetal_datastore::etcd::{AuthBootstrap, EtcdConfig, EtcdProvisioner, EtcdStore};
-use kmetal_datastore::provision::{Provisioner, TenantSlice};
 use kmetal_testkit::{
     EtcdCluster, EtcdOptions, EtcdRelease, KubeApiserver, PostgresOptions, PostgresServer,
 };
