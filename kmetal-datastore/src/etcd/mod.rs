@@ -202,6 +202,28 @@ impl EtcdStore {
         }
     }
 
+    /// Sends `txn` (built from `req`), repeating it like a read when `req` cannot write.
+    async fn send_txn(
+        &self,
+        txn: Txn,
+        req: &TxnRequest,
+        ctx: Ctx,
+    ) -> Result<etcd_client::proto::PbTxnResponse> {
+        let retry = if writes(&req.success) || writes(&req.failure) {
+            Retry::NotSent
+        } else {
+            Retry::Reads
+        };
+        let r = self
+            .run("txn", ctx, retry, || {
+                let mut kv = self.kv_client();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        Ok(r.0)
+    }
+
     /// Renews the auth token after a request sent at `sent` was refused for a stale one,
     /// unless another request renewed it since; false when renewing failed (revoked
     /// credentials) or `deadline` passed.
@@ -621,20 +643,8 @@ impl Datastore for EtcdStore {
             t.check_txn(&req)?;
             return self.shared_txn(t, &req, ctx).await;
         }
-        let txn = self.txn(&req);
-        let retry = if is_read_only(&req) {
-            Retry::Reads
-        } else {
-            Retry::NotSent
-        };
-        let r = self
-            .run("txn", ctx, retry, || {
-                let mut kv = self.kv_client();
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await?;
-        self.txn_response(r.0, 0)
+        let r = self.send_txn(self.txn(&req), &req, ctx).await?;
+        self.txn_response(r, 0)
     }
 
     async fn compact(&self, revision: Revision) -> Result<CompactResponse> {
@@ -845,11 +855,12 @@ impl Datastore for EtcdStore {
     }
 }
 
-fn is_read_only(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match op {
-        RequestOp::Range(_) => true,
-        RequestOp::Txn(t) => is_read_only(t),
-        _ => false,
+/// Whether a branch writes (a put, a delete, or a nested txn either of whose branches does).
+fn writes(ops: &[RequestOp]) -> bool {
+    ops.iter().any(|op| match op {
+        RequestOp::Range(_) => false,
+        RequestOp::Put(_) | RequestOp::DeleteRange(_) => true,
+        RequestOp::Txn(t) => writes(&t.success) || writes(&t.failure),
     })
 }
 

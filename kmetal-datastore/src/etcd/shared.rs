@@ -4,8 +4,8 @@
 
 use etcd_client::Txn;
 
-use super::tenant::{TenantView, writes};
-use super::{Ctx, EtcdStore, Retry};
+use super::tenant::TenantView;
+use super::{Ctx, EtcdStore, Retry, writes};
 use crate::error::{DatastoreError, Result};
 use crate::model::{
     Compare, CompareOp, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -70,19 +70,8 @@ impl EtcdStore {
             )
             .and_then(self.marked_branch(view, &t.success))
             .or_else(self.marked_branch(view, &t.failure));
-        let retry = if writes(&t.success) || writes(&t.failure) {
-            Retry::NotSent
-        } else {
-            Retry::Reads
-        };
-        let r = self
-            .run("txn", ctx, retry, || {
-                let mut kv = self.kv_client();
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await?;
-        let mut resp = self.txn_response(r.0, 0)?;
+        let r = self.send_txn(txn, t, ctx).await?;
+        let mut resp = self.txn_response(r, 0)?;
         let revision = match resp.responses.pop() {
             Some(ResponseOp::Range(marker)) => view.revision(marker.kvs.first(), resp.revision),
             Some(ResponseOp::Put(touched)) => touched.revision,

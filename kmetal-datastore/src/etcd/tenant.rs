@@ -216,15 +216,6 @@ impl TenantView {
     }
 }
 
-/// Whether a branch writes (a put, a delete, or a nested txn either of whose branches does).
-pub(crate) fn writes(ops: &[RequestOp]) -> bool {
-    ops.iter().any(|op| match op {
-        RequestOp::Range(_) => false,
-        RequestOp::Put(_) | RequestOp::DeleteRange(_) => true,
-        RequestOp::Txn(t) => writes(&t.success) || writes(&t.failure),
-    })
-}
-
 /// The compaction revisions of the tenants whose prefixes are `prefixes`, read with a client
 /// that may read them all (the cluster's root): 0 for a tenant that never compacted.
 pub(crate) async fn compactions(
@@ -305,6 +296,7 @@ mod tests {
 
     #[test]
     fn writing_branches_are_found() {
+        use crate::etcd::writes;
         use crate::model::{PutRequest, RangeRequest};
         assert!(!writes(&[RequestOp::Range(RangeRequest::get("k"))]));
         assert!(writes(&[RequestOp::Put(PutRequest::new("k", "v"))]));
