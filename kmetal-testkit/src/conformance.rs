@@ -220,6 +220,10 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
 /// one each, gapless.
 async fn concurrent_guarded_writes(s: &dyn Datastore) {
     let start = s.status().await.unwrap().revision;
+    let mut live = s
+        .watch(WatchRequest::prefix("/registry/cm/race/", 0).with_prev_kv())
+        .await
+        .unwrap();
     let lease = s.lease_grant(60, 0).await.unwrap().id;
     let keys: Vec<String> = (0..16)
         .map(|i| format!("/registry/cm/race/{i:02}"))
@@ -305,6 +309,15 @@ async fn concurrent_guarded_writes(s: &dyn Datastore) {
         .unwrap();
     assert_eq!(all.count, 16, "nothing else was written");
     assert!(all.kvs.iter().all(|kv| kv.version == 2));
+    // What a live watch was sent is what a replay reads back from the store.
+    let delivered = next_events(&mut live, revisions.len()).await;
+    let mut replay = s
+        .watch(WatchRequest::prefix("/registry/cm/race/", start + 1).with_prev_kv())
+        .await
+        .unwrap();
+    let replayed = next_events(&mut replay, revisions.len()).await;
+    assert_eq!(delivered, replayed, "live events equal their replay");
+    assert!(delivered.iter().filter(|e| e.prev_kv.is_some()).count() == keys.len());
 }
 
 async fn kube_apiserver_shapes(s: &dyn Datastore) {

@@ -150,7 +150,7 @@ enum Wake {
 pub(crate) async fn hub<F: LogFeed>(
     mut feed: F,
     mut rx: mpsc::UnboundedReceiver<HubMsg>,
-    mut committed: watch::Receiver<Revision>,
+    mut committed: watch::Receiver<super::write::Commit>,
     mut progress: ProgressClock,
     dispatched: Dispatched,
 ) {
@@ -170,6 +170,7 @@ pub(crate) async fn hub<F: LogFeed>(
             hint = feed.changed() => Wake::Feed(hint),
             _ = tick.tick() => Wake::Tick,
         };
+        let mut written = None;
         let (hint, idle) = match wake {
             Wake::Msg(HubMsg::Remove(id)) => {
                 watchers.remove(&id);
@@ -189,7 +190,12 @@ pub(crate) async fn hub<F: LogFeed>(
                 local = false;
                 continue;
             }
-            Wake::Local(true) => (Some(*committed.borrow_and_update()), false),
+            Wake::Local(true) => {
+                let c = committed.borrow_and_update().clone();
+                let revision = c.revision;
+                written = Some(c);
+                (Some(revision), false)
+            }
             Wake::Feed(hint) => (hint, false),
             Wake::Tick => (None, true),
         };
@@ -207,9 +213,17 @@ pub(crate) async fn hub<F: LogFeed>(
         };
         if now > from {
             if !watchers.is_empty() {
-                // A failed read is retried from `from` at the next wake-up: nothing is skipped.
-                let Ok(events) = feed.events(from, now).await else {
-                    continue;
+                // The writer's own events, when they are exactly the ones due; else read back
+                // (a failed read is retried from `from` at the next wake-up: nothing skipped).
+                let known = written
+                    .filter(|c| c.after == from && c.revision == now)
+                    .and_then(|c| c.events);
+                let events = match known {
+                    Some(e) => e,
+                    None => match feed.events(from, now).await {
+                        Ok(e) => std::sync::Arc::new(e),
+                        Err(_) => continue,
+                    },
                 };
                 watchers.retain(|_, w| deliver(w, &events, now));
             }

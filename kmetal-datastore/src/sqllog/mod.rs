@@ -169,7 +169,11 @@ impl<D: Dialect> SqlLog<D> {
     {
         let db = Arc::new(db);
         let (wtx, wrx) = mpsc::channel(4096);
-        let (committed_tx, committed_rx) = watch::channel(start);
+        let (committed_tx, committed_rx) = watch::channel(write::Commit {
+            after: start,
+            revision: start,
+            events: None,
+        });
         let mut tasks = Vec::new();
         let writing = write::write_loop(writer, wrx, committed_tx);
         match home {

@@ -12,8 +12,8 @@ use super::dialect::LogWriter;
 use super::write::{Done, Job, Meta, Op};
 use crate::error::{DatastoreError, Result};
 use crate::model::{
-    Compare, KeyValue, LeaseId, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    ResponseOp, TxnResponse,
+    Compare, Event, EventKind, KeyValue, LeaseId, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseOp, Revision, TxnResponse,
 };
 
 /// A write the quick path takes.
@@ -72,12 +72,16 @@ pub(crate) fn run_len(jobs: &[Job]) -> usize {
         .count()
 }
 
+/// The answers and the events of a run; `None` events when a plain put wrote (its create
+/// revision and version are the database's to work out).
+pub(crate) type Applied = (Vec<Result<Done>>, Option<Vec<(Revision, Event)>>);
+
 /// Applies `jobs` (a run [`run_len`] measured) at the revisions after `meta.revision`.
 pub(crate) async fn apply_run<W: LogWriter>(
     w: &mut W,
     jobs: &[Job],
     meta: &mut Meta,
-) -> std::result::Result<Vec<Result<Done>>, W::Error> {
+) -> std::result::Result<Applied, W::Error> {
     let run: Vec<Quick<'_>> = jobs.iter().filter_map(|j| quick(&j.op)).collect();
     let guarded: Vec<&[u8]> = run
         .iter()
@@ -103,6 +107,7 @@ pub(crate) async fn apply_run<W: LogWriter>(
     let first = meta.revision + 1;
     let mut puts = Vec::with_capacity(run.len());
     let mut results = Vec::with_capacity(run.len());
+    let mut events = Some(Vec::with_capacity(run.len()));
     for q in &run {
         let p = q.put();
         let row = live.get(&p.key);
@@ -118,6 +123,13 @@ pub(crate) async fn apply_run<W: LogWriter>(
         }
         meta.revision += 1;
         puts.push(p);
+        events = match (events, q) {
+            (Some(mut all), Quick::Guarded { .. }) => {
+                all.push((meta.revision, put_event(p, meta.revision, row)));
+                Some(all)
+            }
+            _ => None,
+        };
         let put = PutResponse {
             revision: meta.revision,
             prev_kv: None,
@@ -134,12 +146,29 @@ pub(crate) async fn apply_run<W: LogWriter>(
     if !puts.is_empty() {
         w.put_many(first, &puts).await?;
     }
-    Ok(results)
+    Ok((results, events))
+}
+
+/// The event of `p` written at `rev` over the key's live row `prev`, as the log will hold
+/// it (what [`event`](super::read::event) makes of the rows read back).
+fn put_event(p: &PutRequest, rev: Revision, prev: Option<&KeyValue>) -> Event {
+    Event {
+        kind: EventKind::Put,
+        kv: KeyValue {
+            key: p.key.clone(),
+            value: p.value.clone(),
+            create_revision: prev.map_or(rev, |l| l.create_revision),
+            mod_revision: rev,
+            version: prev.map_or(1, |l| l.version + 1),
+            lease: p.lease,
+        },
+        prev_kv: prev.cloned(),
+    }
 }
 
 /// A guarded put whose compare failed, answering its get (when `read`) with the key's live
 /// row.
-fn failed(revision: crate::model::Revision, row: Option<&KeyValue>, read: bool) -> TxnResponse {
+fn failed(revision: Revision, row: Option<&KeyValue>, read: bool) -> TxnResponse {
     let responses = if read {
         let kvs: Vec<KeyValue> = row.cloned().into_iter().collect();
         vec![ResponseOp::Range(RangeResponse {

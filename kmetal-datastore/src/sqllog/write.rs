@@ -12,9 +12,9 @@ use super::dialect::{Classify, LogWriter};
 use super::read::{past, read_range};
 use crate::error::{DatastoreError, Result};
 use crate::model::{
-    CompactResponse, Compare, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, KeyValue,
-    LeaseGrant, LeaseId, PutRequest, PutResponse, RangeResponse, RequestOp, ResponseOp, Revision,
-    TxnRequest, TxnResponse,
+    CompactResponse, Compare, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, Event,
+    KeyValue, LeaseGrant, LeaseId, PutRequest, PutResponse, RangeResponse, RequestOp, ResponseOp,
+    Revision, TxnRequest, TxnResponse,
 };
 
 /// Most writes committed together.
@@ -62,6 +62,19 @@ impl Meta {
         self.next_lease = next + 1;
         next
     }
+}
+
+/// What the writer tells the watch hub at each commit: the revisions the batch moved
+/// through, and their events when the writer knows them whole (a batch of guarded puts: the
+/// quick path read every key's live row), so that the hub need not read them back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Commit {
+    /// The revision before the batch.
+    pub(crate) after: Revision,
+    /// The revision after it.
+    pub(crate) revision: Revision,
+    /// The events of `after + 1 ..= revision`, in order, when known.
+    pub(crate) events: Option<Arc<Vec<(Revision, Event)>>>,
 }
 
 /// A write request to the writer.
@@ -125,7 +138,7 @@ impl<E: Classify> From<E> for Fail<E> {
 pub(crate) async fn write_loop<W: LogWriter>(
     mut w: W,
     mut rx: mpsc::Receiver<Job>,
-    committed: watch::Sender<Revision>,
+    committed: watch::Sender<Commit>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -136,10 +149,21 @@ pub(crate) async fn write_loop<W: LogWriter>(
             }
         }
         match run_batch(&mut w, &jobs).await {
-            Ok((results, revision)) => {
-                committed.send_if_modified(|r| {
-                    let moved = revision > *r;
-                    *r = (*r).max(revision);
+            Ok(Batch {
+                results,
+                start,
+                revision,
+                events,
+            }) => {
+                committed.send_if_modified(|c| {
+                    let moved = revision > c.revision;
+                    if moved {
+                        *c = Commit {
+                            after: start,
+                            revision,
+                            events: events.map(Arc::new),
+                        };
+                    }
                     moved
                 });
                 for (job, r) in jobs.into_iter().zip(results) {
@@ -160,20 +184,32 @@ pub(crate) async fn write_loop<W: LogWriter>(
     }
 }
 
-async fn run_batch<W: LogWriter>(
-    w: &mut W,
-    jobs: &[Job],
-) -> std::result::Result<(Vec<Result<Done>>, Revision), W::Error> {
+/// A committed batch: each job's answer, the revisions it moved through, and their events
+/// when every write's are known.
+struct Batch {
+    results: Vec<Result<Done>>,
+    start: Revision,
+    revision: Revision,
+    events: Option<Vec<(Revision, Event)>>,
+}
+
+async fn run_batch<W: LogWriter>(w: &mut W, jobs: &[Job]) -> std::result::Result<Batch, W::Error> {
     let mut meta = w.begin().await?;
     let start = meta.revision;
     let mut results = Vec::with_capacity(jobs.len());
+    let mut events = Some(Vec::new());
     let mut i = 0;
     while i < jobs.len() {
         // Plain and guarded puts go to the dialect a run at a time (PostgreSQL reads their
         // keys in one statement and writes them in another).
         let run = super::quick::run_len(&jobs[i..]);
         if run > 0 {
-            results.extend(super::quick::apply_run(w, &jobs[i..i + run], &mut meta).await?);
+            let (done, known) = super::quick::apply_run(w, &jobs[i..i + run], &mut meta).await?;
+            results.extend(done);
+            events = events.zip(known).map(|(mut all, more)| {
+                all.extend(more);
+                all
+            });
             i += run;
             continue;
         }
@@ -182,6 +218,9 @@ async fn run_batch<W: LogWriter>(
         match apply(w, &jobs[i].op, &mut meta).await {
             Ok(done) => {
                 w.release().await?;
+                if meta.revision != before.revision {
+                    events = None;
+                }
                 results.push(Ok(done));
             }
             Err(fail) => {
@@ -202,7 +241,12 @@ async fn run_batch<W: LogWriter>(
         i += 1;
     }
     w.commit(&meta, start).await?;
-    Ok((results, meta.revision))
+    Ok(Batch {
+        results,
+        start,
+        revision: meta.revision,
+        events,
+    })
 }
 
 async fn apply<W: LogWriter>(
