@@ -262,6 +262,9 @@ struct Conn {
     began: Option<(Revision, Revision)>,
     /// The writer's: when to refresh the planner's statistics.
     analyzer: Option<analyze::Analyzer>,
+    /// The writer's: the id its notifications carry, so that its own store's listener can
+    /// leave them to the hub's local wake-up (which brings the events along).
+    writer_id: String,
 }
 
 impl Conn {
@@ -272,6 +275,7 @@ impl Conn {
             c,
             began: None,
             analyzer: None,
+            writer_id: String::new(),
         })
     }
 
@@ -368,16 +372,17 @@ impl LogWriter for Conn {
             .prepare_cached(
                 "WITH u AS (UPDATE kmetal_meta SET revision = $1, compact_revision = $2,
                     next_lease = $3 WHERE id = 1 RETURNING revision)
-                 SELECT pg_notify($4, revision::text) FROM u WHERE revision <> $5",
+                 SELECT pg_notify($4, revision::text || ':' || $6) FROM u WHERE revision <> $5",
             )
             .await?;
         let c = &self.c;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
             &meta.revision,
             &meta.compact,
             &meta.next_lease,
             &CHANNEL,
             &start,
+            &self.writer_id,
         ];
         let (updated, committed) = tokio::join!(c.query(&stmt, &params), c.batch_execute("COMMIT"));
         updated?;
@@ -633,6 +638,7 @@ async fn listen(
     tls: Option<tls::RustlsConnect>,
     hints: mpsc::UnboundedSender<Option<Revision>>,
     listening: watch::Sender<Option<Arc<Listening>>>,
+    own: String,
 ) {
     loop {
         let (notes_tx, mut notes) = mpsc::unbounded_channel();
@@ -640,11 +646,11 @@ async fn listen(
             Some(t) => pg
                 .connect(t.clone())
                 .await
-                .map(|(c, conn)| (c, drive(conn, notes_tx))),
+                .map(|(c, conn)| (c, drive(conn, notes_tx, own.clone()))),
             None => pg
                 .connect(NoTls)
                 .await
-                .map(|(c, conn)| (c, drive(conn, notes_tx))),
+                .map(|(c, conn)| (c, drive(conn, notes_tx, own.clone()))),
         };
         if let Ok((client, driver)) = connected {
             let prepared = async {
@@ -677,10 +683,12 @@ async fn listen(
     }
 }
 
-/// Drives a connection, forwarding its notifications' revisions.
+/// Drives a connection, forwarding the revisions other writers announce (`<revision>:<id>`;
+/// this store's own, id `own`, reach the hub with their events through the local wake-up).
 fn drive<S, T>(
     mut conn: tokio_postgres::Connection<S, T>,
     tx: mpsc::UnboundedSender<Option<Revision>>,
+    own: String,
 ) -> tokio::task::JoinHandle<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -689,7 +697,10 @@ where
     tokio::spawn(async move {
         while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
             if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send(n.payload().parse().ok());
+                let (revision, writer) = n.payload().split_once(':').unwrap_or((n.payload(), ""));
+                if writer != own {
+                    let _ = tx.send(revision.parse().ok());
+                }
             }
         }
     })
@@ -748,7 +759,15 @@ impl PgStore {
         let start = conn.one(META, &[]).await?.get(0);
         let (hints_tx, hints) = mpsc::unbounded_channel();
         let (listening_tx, listening) = watch::channel(None);
-        let listener = tokio::spawn(listen(pg, tls, hints_tx, listening_tx));
+        // Unique among the processes on this database: the pid and when the store opened.
+        let writer_id = format!(
+            "{}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let listener = tokio::spawn(listen(pg, tls, hints_tx, listening_tx, writer_id.clone()));
         let feed = Feed {
             pool: pool.clone(),
             hints,
@@ -757,6 +776,7 @@ impl PgStore {
         };
         let conn = Conn {
             analyzer: Some(analyze::Analyzer::new(start)),
+            writer_id,
             ..conn
         };
         Ok((Reads { pool }, conn, feed, start, found.into()))
