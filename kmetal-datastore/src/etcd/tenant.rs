@@ -51,6 +51,15 @@ impl Marker {
         Self { compacted, hidden }
     }
 
+    /// The tenant's revision, given the marker row's version and mod revision: the one
+    /// before the compaction's write while that write is the marker's last.
+    fn tenant_revision(&self, version: i64, mod_revision: Revision) -> Revision {
+        match self.hidden {
+            Some((v, before)) if v == version => before,
+            _ => mod_revision,
+        }
+    }
+
     fn text(&self) -> String {
         match self.hidden {
             Some((v, r)) => format!("{},{v},{r}", self.compacted),
@@ -103,10 +112,7 @@ impl TenantView {
         let Some(kv) = row else { return fallback };
         let m = Marker::parse(&kv.value);
         self.compacted.fetch_max(m.compacted, Ordering::Relaxed);
-        match m.hidden {
-            Some((version, before)) if version == kv.version => before,
-            _ => kv.mod_revision,
-        }
+        m.tenant_revision(kv.version, kv.mod_revision)
     }
 
     /// Reads the marker, creating it if the tenant has none yet.
@@ -169,7 +175,6 @@ impl TenantView {
         let mut kv = client.kv_client();
         for _ in 0..CAS_ATTEMPTS {
             let got = kv.get(self.marker.clone(), Some(GetOptions::new())).await?;
-            let header = got.header().map_or(0, |h| h.revision());
             let Some(row) = got.kvs().first() else {
                 return Ok(Err(DatastoreError::Backend {
                     source: "the tenant's marker key is gone (deprovisioned?)".into(),
@@ -177,11 +182,7 @@ impl TenantView {
             };
             let old = Marker::parse(row.value());
             self.compacted.fetch_max(old.compacted, Ordering::Relaxed);
-            let current = match old.hidden {
-                Some((v, before)) if v == row.version() => before,
-                _ => row.mod_revision(),
-            };
-            let current = if current == 0 { header } else { current };
+            let current = old.tenant_revision(row.version(), row.mod_revision());
             if revision > current {
                 return Ok(Err(DatastoreError::FutureRevision {
                     requested: revision,
