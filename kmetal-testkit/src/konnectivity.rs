@@ -39,6 +39,15 @@ pub enum KonnectivityError {
     /// Creating the temporary directory failed.
     #[error("cannot create a temporary directory")]
     TempDir(#[source] std::io::Error),
+    /// Signalling the process failed.
+    #[error("cannot signal {what}")]
+    Signal {
+        /// Which process.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The agent link's certificates: one CA, the server's serving certificate (for 127.0.0.1)
@@ -228,6 +237,11 @@ impl KonnectivityServer {
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
 }
 
 /// How to start a konnectivity-agent.
@@ -340,9 +354,10 @@ impl KonnectivityAgent {
         (Ipv4Addr::LOCALHOST, self.admin_port).into()
     }
 
-    /// The `/metrics` text (Prometheus format).
+    /// The `/metrics` text (Prometheus format; the agent serves it on its health port and
+    /// only redirects there from the admin port).
     pub async fn metrics(&self) -> Result<String, KonnectivityError> {
-        Ok(http::Client::plain(self.admin_addr())
+        Ok(http::Client::plain(self.health_addr())
             .get("/metrics")
             .await?
             .text())
@@ -356,5 +371,21 @@ impl KonnectivityAgent {
     /// Whether the process runs.
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
+    }
+
+    /// Sends SIGTERM: the agent drains (DRAIN to every server, on its next packet from
+    /// each) and keeps its connections until a second signal.
+    pub fn terminate(&self) -> Result<(), KonnectivityError> {
+        self.process
+            .terminate()
+            .map_err(|source| KonnectivityError::Signal {
+                what: "konnectivity-agent",
+                source,
+            })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 }

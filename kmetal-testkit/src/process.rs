@@ -270,6 +270,18 @@ impl Supervised {
         }
     }
 
+    /// Sends SIGTERM (a graceful stop; the process keeps running until it exits by itself).
+    pub fn terminate(&self) -> std::io::Result<()> {
+        match &self.child {
+            Some(c) => rustix::process::kill_process(
+                rustix::process::Pid::from_child(c),
+                rustix::process::Signal::TERM,
+            )
+            .map_err(std::io::Error::from),
+            None => Ok(()),
+        }
+    }
+
     /// Waits up to `timeout` for the process to exit by itself; kills it after that.
     pub fn wait_or_kill(&mut self, timeout: Duration) {
         let deadline = std::time::Instant::now() + timeout;

@@ -65,6 +65,15 @@ pub enum ClientError {
     /// The stream ended before the dial was answered.
     #[error("dial {0}: the stream ended before the answer")]
     NoAnswer(String),
+    /// The server did not answer the dial in time (the dial is then abandoned with
+    /// DIAL_CLS, as konnectivity-client does).
+    #[error("dial {address}: no answer within {after:?}")]
+    DialTimeout {
+        /// The dialed address.
+        address: String,
+        /// The deadline.
+        after: std::time::Duration,
+    },
     /// The stream failed before the dial was answered.
     #[error("dial {address}")]
     Answer {
@@ -82,7 +91,15 @@ pub enum ClientError {
 pub struct ProxyClient {
     path: PathBuf,
     connection: Arc<tokio::sync::Mutex<SendRequest<tonic::body::Body>>>,
+    dial_timeout: std::time::Duration,
 }
+
+/// How long a dial waits for the server's answer by default (the server's own dial timeout
+/// toward the agent is shorter, so a healthy server always answers first).
+pub const DEFAULT_DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long an abandoned dial's stream stays open for its DIAL_CLS to reach the server.
+const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Packets queued toward the server per dial before `poll_write` waits.
 const QUEUE: usize = 16;
@@ -95,7 +112,14 @@ impl ProxyClient {
         Ok(ProxyClient {
             path,
             connection: Arc::new(tokio::sync::Mutex::new(connection)),
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
         })
+    }
+
+    /// Sets how long each dial waits for the server's answer ([`DEFAULT_DIAL_TIMEOUT`]).
+    pub fn with_dial_timeout(mut self, timeout: std::time::Duration) -> ProxyClient {
+        self.dial_timeout = timeout;
+        self
     }
 
     /// The connection, opened again if it has failed.
@@ -109,14 +133,52 @@ impl ProxyClient {
 
     /// Dials `address` through the tunnel; the returned stream carries the connection.
     pub async fn dial(&self, address: &str) -> Result<ProxyStream, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.dial_timeout;
+        let timed_out = || ClientError::DialTimeout {
+            address: address.into(),
+            after: self.dial_timeout,
+        };
         let (tx, rx) = mpsc::channel::<Packet>(QUEUE);
+        let random = proto::random_i64();
         let dial = Frame::DialRequest {
             protocol: "tcp".into(),
             address: address.into(),
-            random: 1,
+            random,
         };
         // The queue is new and empty, so this cannot fail.
         let _ = tx.try_send(dial.into());
+        let mut inbound = tokio::time::timeout_at(deadline, self.open(rx))
+            .await
+            .map_err(|_| timed_out())??;
+        match tokio::time::timeout_at(deadline, answer(&mut inbound, address)).await {
+            Ok(Ok(connect_id)) => Ok(ProxyStream {
+                connect_id,
+                inbound,
+                current: Bytes::new(),
+                eof: false,
+                outbound: PollSender::new(tx),
+                closed: false,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                // Tell the server to forget the dial, as konnectivity-client does. Dropping
+                // the response body now would reset the stream before DIAL_CLS goes out,
+                // so a task keeps it until the server ends the stream (or a grace passes).
+                let _ = tx.try_send(Frame::CloseDial { random }.into());
+                drop(tx);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(ABANDON_GRACE, async {
+                        while let Ok(Some(_)) = inbound.next().await {}
+                    })
+                    .await;
+                });
+                Err(timed_out())
+            }
+        }
+    }
+
+    /// Opens a `Proxy` stream whose request body is `rx`; returns its response body.
+    async fn open(&self, rx: mpsc::Receiver<Packet>) -> Result<PacketReader, ClientError> {
         let request = grpc::request(
             "http://konnectivity.invalid/ProxyService/Proxy",
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -128,39 +190,37 @@ impl ProxyClient {
             .await
             .map_err(ClientError::Call)?;
         let response = grpc::accepted(response).map_err(ClientError::Stream)?;
-        let mut inbound = PacketReader::new(tonic::body::Body::new(response.into_body()));
-        let connect_id = loop {
-            let packet = match inbound.next().await {
-                Ok(Some(p)) => p,
-                Ok(None) => return Err(ClientError::NoAnswer(address.into())),
-                Err(source) => {
-                    return Err(ClientError::Answer {
-                        address: address.into(),
-                        source,
-                    });
-                }
-            };
-            if let Ok(Frame::DialResponse {
-                connect_id, error, ..
-            }) = Frame::try_from(packet)
-            {
-                if error.is_empty() {
-                    break connect_id;
-                }
-                return Err(ClientError::Dial {
+        Ok(PacketReader::new(tonic::body::Body::new(
+            response.into_body(),
+        )))
+    }
+}
+
+/// Reads packets until the dial's answer; returns the new connection's id.
+async fn answer(inbound: &mut PacketReader, address: &str) -> Result<i64, ClientError> {
+    loop {
+        let packet = match inbound.next().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(ClientError::NoAnswer(address.into())),
+            Err(source) => {
+                return Err(ClientError::Answer {
                     address: address.into(),
-                    message: error,
+                    source,
                 });
             }
         };
-        Ok(ProxyStream {
-            connect_id,
-            inbound,
-            current: Bytes::new(),
-            eof: false,
-            outbound: PollSender::new(tx),
-            closed: false,
-        })
+        if let Ok(Frame::DialResponse {
+            connect_id, error, ..
+        }) = Frame::try_from(packet)
+        {
+            if error.is_empty() {
+                return Ok(connect_id);
+            }
+            return Err(ClientError::Dial {
+                address: address.into(),
+                message: error,
+            });
+        }
     }
 }
 

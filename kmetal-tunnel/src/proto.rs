@@ -49,6 +49,18 @@ pub const MAX_PACKET: usize = 4 << 20;
 /// The largest DATA payload we send in one packet.
 pub const MAX_CHUNK: usize = 256 << 10;
 
+/// A random dial id (`random` of DIAL_REQ). A real konnectivity-server keys its pending
+/// dials by it across all frontends, so every dial needs its own, as konnectivity-client's
+/// `rand.Int63()` gives.
+pub(crate) fn random_i64() -> i64 {
+    let mut b = [0u8; 8];
+    // SystemRandom only fails when the OS has no entropy source; the zeros left then still
+    // work with our server, which keys pending dials per agent.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    // Non-negative like Int63: a peer may log or compare it as such.
+    i64::from_le_bytes(b) & i64::MAX
+}
+
 /// A packet that is not a well-formed Konnectivity packet.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]

@@ -382,3 +382,67 @@ async fn our_agent_talks_to_a_tonic_agent_service() {
     assert_eq!(echoed, pattern(700_000, 3));
     agent.shutdown().await;
 }
+
+/// A tonic ProxyService that takes every dial and never answers it, reporting the packets
+/// the client sends.
+struct SilentFrontend {
+    seen: mpsc::Sender<Frame>,
+}
+
+#[tonic::async_trait]
+impl kmetal_tunnel::proto::wire::proxy_service_server::ProxyService for SilentFrontend {
+    type ProxyStream = ReceiverStream<Result<Packet, Status>>;
+
+    async fn proxy(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::ProxyStream>, Status> {
+        let mut from_client = request.into_inner();
+        let seen = self.seen.clone();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Ok(Some(p)) = from_client.message().await {
+                let _ = seen.send(Frame::try_from(p).expect("a valid packet")).await;
+            }
+            drop(tx);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A dial the frontend never answers ends with a typed timeout instead of hanging, and is
+/// abandoned with DIAL_CLS for the same dial id, as konnectivity-client does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_nobody_answers_times_out_and_is_abandoned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("silent.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let (seen, mut seen_rx) = mpsc::channel(8);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                kmetal_tunnel::proto::wire::proxy_service_server::ProxyServiceServer::new(
+                    SilentFrontend { seen },
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let client = kmetal_tunnel::ProxyClient::connect_unix(&path)
+        .await
+        .expect("client")
+        .with_dial_timeout(Duration::from_millis(300));
+    let started = tokio::time::Instant::now();
+    let err = client.dial("10.0.0.1:10250").await.expect_err("no answer");
+    assert!(
+        matches!(err, kmetal_tunnel::ClientError::DialTimeout { .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let Some(Frame::DialRequest { random, .. }) = seen_rx.recv().await else {
+        panic!("the dial request first");
+    };
+    let abandoned = tokio::time::timeout(DEADLINE, seen_rx.recv())
+        .await
+        .expect("DIAL_CLS within the deadline");
+    assert_eq!(abandoned, Some(Frame::CloseDial { random }));
+}

@@ -248,27 +248,6 @@ async fn ha_the_agent_reaches_every_replica_through_one_address() {
     }
 }
 
-/// A TCP load balancer handing each new connection to the next upstream.
-async fn round_robin(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut i = 0;
-        while let Ok((mut down, _)) = l.accept().await {
-            let up = upstreams[i % upstreams.len()];
-            i += 1;
-            tokio::spawn(async move {
-                if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// An agent whose connection goes silent is dropped by the keepalive; dials then fail fast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_drops_a_dead_agent() {

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use super::config::{ServerConfig, Strategy};
 use crate::conn::{ConnEnd, ConnTable, Flow};
 use crate::link::Link;
-use crate::proto::{Frame, Identifiers};
+use crate::proto::{self, Frame, Identifiers};
 
 /// A dial through the tunnel failed.
 #[derive(Debug, thiserror::Error)]
@@ -187,7 +187,7 @@ impl Shared {
                     .count(),
             });
         };
-        let random = random_i64();
+        let random = proto::random_i64();
         let (tx, rx) = oneshot::channel();
         session.dials().insert(random, tx);
         let gone = || DialError::AgentGone {
@@ -300,12 +300,4 @@ impl Shared {
             }
         }
     }
-}
-
-pub(super) fn random_i64() -> i64 {
-    let mut b = [0u8; 8];
-    // SystemRandom only fails when the OS has no entropy source; a fixed id still works
-    // because pending dials are keyed per agent.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    i64::from_le_bytes(b)
 }

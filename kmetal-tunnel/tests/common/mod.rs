@@ -237,3 +237,39 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     }
     f()
 }
+
+/// A TCP load balancer handing each new connection to the next upstream.
+pub async fn round_robin(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut i = 0;
+        while let Ok((mut down, _)) = l.accept().await {
+            let up = upstreams[i % upstreams.len()];
+            i += 1;
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The real Konnectivity pieces' certificates, from the tenant's kmetal-pki bundle: the
+/// server and agent certificates our own server and agent use.
+pub fn link_tls(bundle: &Bundle) -> kmetal_testkit::konnectivity::LinkTls {
+    let file = |name: &str| bundle.get(name).expect(name).to_string();
+    let pem = |name: &str| kmetal_testkit::tls::Pem {
+        cert: file(&format!("pki/{name}.crt")),
+        key: file(&format!("pki/{name}.key")),
+    };
+    kmetal_testkit::konnectivity::LinkTls {
+        ca_pem: file(tls::CA),
+        server: pem("konnectivity-server"),
+        agent: pem("konnectivity-agent"),
+    }
+}
