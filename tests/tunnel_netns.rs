@@ -4,27 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kmetal_pki::{Bundle, PkiSpec};
+use kmetal_testkit::Netns;
 
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (install iproute2 / curl / python3)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Removes the namespace (and with it the veth pair) and stops the processes.
+/// Stops the processes (before the namespace goes: `ns` is dropped after this).
 struct Cleanup {
-    ns: String,
     children: Vec<Child>,
 }
 
@@ -34,70 +21,21 @@ impl Drop for Cleanup {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
-}
-
-/// Reads the child's stdout until a line starting with each prefix has been seen; returns
-/// the rest of each such line, in the order of `prefixes`.
-fn lines_with(child: &mut Child, prefixes: &[&str]) -> Vec<String> {
-    let out = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(out).lines();
-    let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
-    for line in lines.by_ref() {
-        let line = line.expect("line");
-        for (i, p) in prefixes.iter().enumerate() {
-            if let Some(rest) = line.strip_prefix(p) {
-                found[i] = Some(rest.to_string());
-            }
-        }
-        if found.iter().all(Option::is_some) {
-            // Keep draining so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return found.into_iter().flatten().collect();
-        }
-    }
-    panic!("child exited before printing {prefixes:?}");
 }
 
 #[test]
 fn curl_on_the_host_reaches_a_namespace_only_service_through_the_tunnel() {
-    let id = std::process::id() % 200 + 20;
-    let ns = format!("kmetal-tun-{}", std::process::id());
-    let host_if = format!("kmth{id}");
-    let ns_if = format!("kmtn{id}");
-    let host_ip = format!("10.231.{id}.1");
-    let ns_ip = format!("10.231.{id}.2");
-    let _ = Command::new("ip")
-        .args(["netns", "del", &ns])
-        .stderr(Stdio::null())
-        .status();
-    run(Command::new("ip").args(["netns", "add", &ns]));
+    let ns = Netns::create().expect("a network namespace (run as root, install iproute2)");
+    let (host_ip, ns_ip) = (ns.host_ip(), ns.ns_ip());
     let mut cleanup = Cleanup {
-        ns: ns.clone(),
         children: Vec::new(),
     };
-    run(Command::new("ip").args([
-        "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-    ]));
-    run(Command::new("ip").args(["link", "set", &ns_if, "netns", &ns]));
-    run(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]));
-    run(Command::new("ip").args(["link", "set", &host_if, "up"]));
     let in_ns = |args: &[&str]| {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns]).args(args);
+        let mut c = ns.command(args[0]);
+        c.args(&args[1..]);
         c
     };
-    run(&mut in_ns(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{ns_ip}/30"),
-        "dev",
-        &ns_if,
-    ]));
-    run(&mut in_ns(&["ip", "link", "set", &ns_if, "up"]));
-    run(&mut in_ns(&["ip", "link", "set", "lo", "up"]));
 
     // The tenant's PKI: the server certificate covers the host's veth address (agents) and
     // 127.0.0.1 (curl on the host).
@@ -138,7 +76,7 @@ fn curl_on_the_host_reaches_a_namespace_only_service_through_the_tunnel() {
         .stderr(Stdio::null())
         .spawn()
         .expect("tunnel server");
-    let found = lines_with(
+    let found = common::lines_with(
         &mut server,
         &["listening agents=https://", "listening connect=https://"],
     );
@@ -147,8 +85,8 @@ fn curl_on_the_host_reaches_a_namespace_only_service_through_the_tunnel() {
 
     // The agent runs inside the namespace and dials out to the host.
     let agent_exe = common::example("tunnel").get_program().to_owned();
-    let agent = in_ns(&[])
-        .arg(agent_exe)
+    let agent = ns
+        .command(agent_exe)
         .args([
             "agent",
             "--server",

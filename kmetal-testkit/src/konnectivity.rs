@@ -97,6 +97,9 @@ pub struct ServerOptions {
     pub server_count: u32,
     /// `--proxy-strategies` (`default`, `destHost`, `defaultRoute`).
     pub proxy_strategies: Vec<String>,
+    /// The address agents connect to (`--agent-bind-address`): loopback, or the host's veth
+    /// address for agents in a network namespace.
+    pub agent_bind: Ipv4Addr,
     /// Further flags, after ours.
     pub extra_args: Vec<String>,
 }
@@ -110,6 +113,7 @@ impl ServerOptions {
             server_id: None,
             server_count: 1,
             proxy_strategies: vec!["default".into()],
+            agent_bind: Ipv4Addr::LOCALHOST,
             extra_args: Vec::new(),
         }
     }
@@ -119,6 +123,7 @@ impl ServerOptions {
 #[derive(Debug)]
 pub struct KonnectivityServer {
     process: Supervised,
+    agent_bind: Ipv4Addr,
     agent_port: u16,
     admin_port: u16,
     health_port: u16,
@@ -156,7 +161,7 @@ impl KonnectivityServer {
             format!("--uds-name={}", uds.display()),
             "--delete-existing-uds-file".to_string(),
             "--server-port=0".into(),
-            "--agent-bind-address=127.0.0.1".into(),
+            format!("--agent-bind-address={}", options.agent_bind),
             format!("--agent-port={agent_port}"),
             "--admin-bind-address=127.0.0.1".into(),
             format!("--admin-port={admin_port}"),
@@ -175,6 +180,7 @@ impl KonnectivityServer {
         cmd.args(&args);
         let mut server = Self {
             process: Supervised::spawn(cmd, &log)?,
+            agent_bind: options.agent_bind,
             agent_port,
             admin_port,
             health_port,
@@ -194,7 +200,7 @@ impl KonnectivityServer {
 
     /// Where agents connect (mTLS).
     pub fn agent_addr(&self) -> SocketAddr {
-        (Ipv4Addr::LOCALHOST, self.agent_port).into()
+        (self.agent_bind, self.agent_port).into()
     }
 
     /// The admin port (`/metrics`).
@@ -253,6 +259,11 @@ pub struct AgentOptions {
     pub tls: LinkTls,
     /// `--agent-identifiers`, URL-encoded (`host=node-1&ipv4=10.0.0.1`).
     pub identifiers: Option<String>,
+    /// The network namespace to run in (a worker host: [`crate::netns::Netns`]).
+    pub netns: Option<String>,
+    /// Where its health and admin servers listen: loopback, or the namespace's veth address
+    /// (which the host reaches) when it runs in one.
+    pub local_address: Ipv4Addr,
     /// Further flags, after ours.
     pub extra_args: Vec<String>,
 }
@@ -260,10 +271,17 @@ pub struct AgentOptions {
 impl AgentOptions {
     /// An agent for `server`'s agent port.
     pub fn to(server: &KonnectivityServer, tls: &LinkTls) -> Self {
+        Self::new(server.agent_addr(), tls)
+    }
+
+    /// An agent for the server (or load balancer) at `server`.
+    pub fn new(server: SocketAddr, tls: &LinkTls) -> Self {
         Self {
-            server: server.agent_addr(),
+            server,
             tls: tls.clone(),
             identifiers: None,
+            netns: None,
+            local_address: Ipv4Addr::LOCALHOST,
             extra_args: Vec::new(),
         }
     }
@@ -273,6 +291,7 @@ impl AgentOptions {
 #[derive(Debug)]
 pub struct KonnectivityAgent {
     process: Supervised,
+    local_address: Ipv4Addr,
     health_port: u16,
     admin_port: u16,
     log: PathBuf,
@@ -299,9 +318,9 @@ impl KonnectivityAgent {
             format!("--ca-cert={}", ca.display()),
             format!("--agent-cert={}", cert.display()),
             format!("--agent-key={}", key.display()),
-            "--health-server-host=127.0.0.1".into(),
+            format!("--health-server-host={}", options.local_address),
             format!("--health-server-port={health_port}"),
-            "--admin-bind-address=127.0.0.1".into(),
+            format!("--admin-bind-address={}", options.local_address),
             format!("--admin-server-port={admin_port}"),
             // Retry fast: tests start servers and agents in any order.
             "--sync-interval=200ms".into(),
@@ -312,10 +331,15 @@ impl KonnectivityAgent {
         }
         args.extend(options.extra_args.iter().cloned());
         let log = dir.path().join("konnectivity-agent.log");
-        let mut cmd = process::command(&binary, &Launch::default());
+        let launch = Launch {
+            netns: options.netns.clone(),
+            ..Launch::default()
+        };
+        let mut cmd = process::command(&binary, &launch);
         cmd.args(&args);
         let mut agent = Self {
             process: Supervised::spawn(cmd, &log)?,
+            local_address: options.local_address,
             health_port,
             admin_port,
             log,
@@ -346,12 +370,12 @@ impl KonnectivityAgent {
 
     /// The health port (`/healthz`, `/readyz`).
     pub fn health_addr(&self) -> SocketAddr {
-        (Ipv4Addr::LOCALHOST, self.health_port).into()
+        (self.local_address, self.health_port).into()
     }
 
     /// The admin port (`/metrics`).
     pub fn admin_addr(&self) -> SocketAddr {
-        (Ipv4Addr::LOCALHOST, self.admin_port).into()
+        (self.local_address, self.admin_port).into()
     }
 
     /// The `/metrics` text (Prometheus format; the agent serves it on its health port and

@@ -22,6 +22,8 @@
 //! - [`http`]: a small HTTP/1.1 client (plain or rustls) for the peers' health endpoints.
 //! - [`proxy`]: [`FaultProxy`]: a TCP proxy with one-way latency per direction, cut modes
 //!   (hang or reset) and byte counters.
+//! - [`netns`]: [`Netns`]: a worker host in its own network namespace, joined by a veth
+//!   pair, with addresses the host cannot reach.
 //! - [`tls`]: a throwaway CA issuing server and client certificates for tests.
 //! - [`ports`]: free loopback ports.
 //! - [`conformance`]: the datastore conformance suite, run against every driver.
@@ -33,6 +35,7 @@ pub mod k8s_storage;
 pub mod kine;
 pub mod konnectivity;
 pub mod kube;
+pub mod netns;
 pub mod ports;
 pub mod postgres;
 pub mod process;
@@ -43,6 +46,7 @@ pub use etcd::{EtcdCluster, EtcdOptions, EtcdRelease};
 pub use kine::{Kine, KineBackend};
 pub use konnectivity::{KonnectivityAgent, KonnectivityServer};
 pub use kube::{KubeApiserver, KubeController};
+pub use netns::Netns;
 pub use postgres::{PostgresOptions, PostgresServer};
 pub use process::ProcessError;
 pub use proxy::{FaultProxy, LinkState};

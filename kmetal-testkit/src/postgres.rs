@@ -126,6 +126,7 @@ impl PostgresServer {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(io(dir.path()))?;
             Launch {
                 user: Some("postgres".into()),
+                ..Launch::default()
             }
         } else {
             Launch::default()

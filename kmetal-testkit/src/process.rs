@@ -150,6 +150,8 @@ pub fn cpu_time_with_children(pid: u32) -> Option<Duration> {
 pub struct Launch {
     /// Run as this user (by name) when we are root; PostgreSQL refuses to run as root.
     pub user: Option<String>,
+    /// Run inside this network namespace (`ip netns exec`; see [`crate::netns`]).
+    pub netns: Option<String>,
 }
 
 /// Whether this process runs as root (checked through /proc to stay free of `unsafe`).
@@ -165,28 +167,32 @@ pub fn running_as_root() -> bool {
 }
 
 /// Builds a command that dies with this process (via `setpriv --pdeathsig KILL` when
-/// available) and optionally switches user.
+/// available), optionally switches user and enters a network namespace. `ip netns exec`
+/// and setpriv both exec, so the child's pid is the binary's own.
 pub fn command(binary: &Path, launch: &Launch) -> Command {
     let setpriv = Path::new("/usr/bin/setpriv");
     let switch_user = launch.user.as_ref().filter(|_| running_as_root());
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(ns) = &launch.netns {
+        argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+    }
     if setpriv.is_file() {
-        let mut c = Command::new(setpriv);
+        argv.push(setpriv.into());
         if let Some(u) = switch_user {
-            c.args([
-                format!("--reuid={u}"),
-                format!("--regid={u}"),
+            argv.extend([
+                format!("--reuid={u}").into(),
+                format!("--regid={u}").into(),
                 "--init-groups".into(),
             ]);
         }
-        c.args(["--pdeathsig", "KILL"]).arg(binary);
-        c
+        argv.extend(["--pdeathsig", "KILL"].map(Into::into));
     } else if let Some(u) = switch_user {
-        let mut c = Command::new("runuser");
-        c.args(["-u", u, "--"]).arg(binary);
-        c
-    } else {
-        Command::new(binary)
+        argv.extend(["runuser", "-u", u.as_str(), "--"].map(Into::into));
     }
+    argv.push(binary.into());
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
 }
 
 /// Runs a setup command to completion, turning failure into [`ProcessError::CommandFailed`].

@@ -9,8 +9,10 @@
 //! - [`server`]: [`Server`] and its serve loops; inside it `config` (settings and the proxy
 //!   [`Strategy`]s), `registry` (connected agents, where a dial is routed, pending dials,
 //!   stats), `agent_link` (the mTLS `AgentService.Connect` listener), `frontends` (gRPC
-//!   `ProxyService` and HTTP CONNECT on a unix socket, HTTP CONNECT on mTLS TCP) and
-//!   `service` (the one-method gRPC plumbing both answer through).
+//!   `ProxyService` and HTTP CONNECT on a unix socket, HTTP CONNECT on mTLS TCP),
+//!   `authority` (the gRPC frontend's fix for clients that name the socket as
+//!   `:authority`, as kube-apiserver does) and `service` (the one-method gRPC plumbing both
+//!   answer through).
 //! - [`agent`]: [`Agent`] — dial-out, identifiers, server count, backoff, DRAIN.
 //! - [`client`]: [`ProxyClient`], a dialer for the gRPC frontend (konnectivity-client's
 //!   role), whose dials are [`ProxyStream`] byte streams.

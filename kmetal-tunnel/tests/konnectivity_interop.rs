@@ -106,14 +106,12 @@ async fn real_agent(
     id: &str,
     ids: &str,
 ) -> KonnectivityAgent {
-    let mut a = KonnectivityAgent::start(AgentOptions {
-        server,
-        tls: link_tls(b),
-        identifiers: Some(ids.into()),
-        extra_args: vec![format!("--agent-id={id}"), "-v=5".into()],
-    })
-    .await
-    .expect("konnectivity-agent");
+    let mut o = AgentOptions::new(server, &link_tls(b));
+    o.identifiers = Some(ids.into());
+    o.extra_args = vec![format!("--agent-id={id}"), "-v=5".into()];
+    let mut a = KonnectivityAgent::start(o)
+        .await
+        .expect("konnectivity-agent");
     a.wait_connected().await.expect("connected");
     a
 }

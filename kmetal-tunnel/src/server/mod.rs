@@ -9,6 +9,7 @@
 //! dial, connection and task is released when a frontend, a backend or an agent goes away.
 
 mod agent_link;
+mod authority;
 mod config;
 mod frontends;
 mod registry;
@@ -26,6 +27,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
 use self::agent_link::{AgentEndpoint, AgentIo};
+use self::authority::AuthorityFix;
 use self::frontends::{ProxyEndpoint, serve_connect_one};
 use self::registry::{Session, Shared};
 use self::service::Endpoint;
@@ -251,7 +253,10 @@ impl Server {
                 stopped,
             }))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    |c| c.map(AuthorityFix::new),
+                ),
                 shutdown,
             )
             .await

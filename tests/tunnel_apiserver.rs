@@ -1,0 +1,328 @@
+//! The real kube-apiserver's egress selector reaches a worker's kubelet-like HTTPS endpoint
+//! that exists only inside the worker's network namespace: `kubectl get --raw
+//! /api/v1/nodes/<node>/proxy/<path>` answers through our tunnel server and our agent, over a
+//! unix socket in gRPC mode (Kamaji's setup) and in HTTPConnect mode, and the same through the
+//! real konnectivity-server and the real konnectivity-agent (control).
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use kmetal_pki::{Bundle, PkiSpec};
+use kmetal_testkit::konnectivity::{AgentOptions, LinkTls, Mode, ServerOptions};
+use kmetal_testkit::kube::{ApiserverOptions, Egress};
+use kmetal_testkit::process::{self, Launch, Supervised};
+use kmetal_testkit::tls::{Pem, TestCa};
+use kmetal_testkit::{
+    EtcdCluster, EtcdOptions, EtcdRelease, KonnectivityAgent, KonnectivityServer, KubeApiserver,
+    Netns,
+};
+
+const NODE: &str = "worker-1";
+const KUBELET_PORT: u16 = 10250;
+
+/// A page server for HTTPS on `addr:port` inside the namespace, like a kubelet's.
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys
+addr, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+srv = http.server.ThreadingHTTPServer((addr, port), http.server.SimpleHTTPRequestHandler)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// A worker: its namespace, an address only it has, and the HTTPS endpoint on it.
+struct Worker {
+    // Processes first: they stop before the namespace goes.
+    _https: Supervised,
+    address: Ipv4Addr,
+    token: String,
+    netns: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl Worker {
+    async fn start() -> Worker {
+        let mut netns = Netns::create().expect("a network namespace (run as root; iproute2)");
+        let address = netns
+            .add_private_address()
+            .expect("a namespace-only address");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = dir.path().join("site");
+        std::fs::create_dir(&site).expect("site");
+        let token = format!("kmetal-kubelet-page-{}", std::process::id());
+        std::fs::write(site.join("page.txt"), &token).expect("page");
+        let ca = TestCa::new("worker-kubelet-ca").expect("ca");
+        let Pem { cert, key } = ca.server(NODE).expect("cert");
+        let (cert_file, key_file) = (
+            dir.path().join("kubelet.crt"),
+            dir.path().join("kubelet.key"),
+        );
+        std::fs::write(&cert_file, cert).expect("cert");
+        std::fs::write(&key_file, key).expect("key");
+        let launch = Launch {
+            netns: Some(netns.name().into()),
+            ..Launch::default()
+        };
+        let mut cmd = process::command(Path::new("python3"), &launch);
+        cmd.args([
+            "-c",
+            HTTPS_SERVER,
+            &address.to_string(),
+            &KUBELET_PORT.to_string(),
+        ])
+        .arg(&cert_file)
+        .arg(&key_file)
+        .current_dir(&site);
+        let mut https = Supervised::spawn(cmd, &dir.path().join("https.log"))
+            .expect("python3 (Debian package python3)");
+        let url = format!("https://{address}:{KUBELET_PORT}/page.txt");
+        https
+            .wait_until(
+                "the worker's HTTPS endpoint",
+                Duration::from_secs(30),
+                || {
+                    let out = netns
+                        .command("curl")
+                        .args(["-sk", "--max-time", "2", &url])
+                        .output();
+                    let ok = out.is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).contains("kmetal-kubelet-page")
+                    });
+                    async move { ok }
+                },
+            )
+            .await
+            .expect("endpoint up");
+        Worker {
+            _https: https,
+            address,
+            token,
+            netns,
+            dir,
+        }
+    }
+
+    /// The tunnel's PKI: its server certificate covers the host's veth address, which agents
+    /// in the namespace dial.
+    fn tunnel_bundle(&self) -> Bundle {
+        Bundle::generate(&PkiSpec::new(
+            "tenant-egress",
+            format!("{}:8132", self.netns.host_ip()),
+        ))
+        .expect("bundle")
+    }
+
+    /// The host cannot reach the endpoint: its route to the namespace-only address is
+    /// unreachable, so only the tunnel gets there.
+    fn assert_unreachable_from_host(&self) {
+        let direct = std::net::TcpStream::connect_timeout(
+            &(self.address, KUBELET_PORT).into(),
+            Duration::from_secs(2),
+        );
+        assert!(
+            direct.is_err(),
+            "the host reached {} directly",
+            self.address
+        );
+    }
+}
+
+/// An api-server on `etcd` whose egress for the cluster goes through `egress`, with a Node
+/// object whose kubelet is the worker's endpoint.
+async fn apiserver(etcd: &EtcdCluster, egress: Egress, worker: &Worker) -> KubeApiserver {
+    let mut o = ApiserverOptions::new(etcd.endpoints());
+    o.egress = Some(egress);
+    let api = KubeApiserver::start(o).await.expect("kube-apiserver");
+    let node = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE},
+    });
+    let file = api.dir().join("node.json");
+    std::fs::write(&file, node.to_string()).expect("node");
+    // Every api-server of a test shares the etcd, so the second one finds the Node.
+    let _ = api.kubectl(&["create", "-f", &file.display().to_string()]);
+    let status = serde_json::json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": worker.address.to_string()}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
+    }});
+    api.kubectl(&[
+        "patch",
+        "node",
+        NODE,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ])
+    .expect("node status");
+    api
+}
+
+/// `kubectl get --raw` of the worker's page through the node proxy, retried while the agent
+/// connects; returns the body.
+async fn page_through_node_proxy(api: &KubeApiserver, worker: &Worker) -> String {
+    let path = format!("/api/v1/nodes/{NODE}/proxy/page.txt");
+    let mut last = String::new();
+    for _ in 0..100 {
+        match api.kubectl(&["get", "--raw", &path]) {
+            Ok(body) if body.contains(&worker.token) => return body,
+            Ok(body) => last = body,
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!(
+        "no page through the node proxy: {last}\napi-server log:\n{}",
+        api.log_tail(20)
+    );
+}
+
+async fn etcd() -> EtcdCluster {
+    EtcdCluster::start(EtcdOptions {
+        release: EtcdRelease::V36,
+        ..EtcdOptions::default()
+    })
+    .await
+    .expect("etcd 3.6")
+}
+
+/// Our tunnel server (the `tunnel` example) on the host, with the gRPC and unix CONNECT
+/// frontends, and our agent in the worker's namespace.
+struct OurTunnel {
+    _children: Vec<KillOnDrop>,
+    grpc: PathBuf,
+    connect: PathBuf,
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl OurTunnel {
+    fn start(worker: &Worker) -> OurTunnel {
+        let pki = worker.dir.path().join("tunnel");
+        worker.tunnel_bundle().write_dir(&pki).expect("pki");
+        let grpc = worker.dir.path().join("grpc.sock");
+        let connect = worker.dir.path().join("connect.sock");
+        let mut server = common::example("tunnel")
+            .args(["server", "--server-id", "s0"])
+            .arg("--agent-listen")
+            .arg(format!("{}:0", worker.netns.host_ip()))
+            .arg("--connect-listen")
+            .arg(format!("unix://{}", connect.display()))
+            .arg("--grpc-uds")
+            .arg(&grpc)
+            .arg("--pki")
+            .arg(&pki)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tunnel server");
+        let found = common::lines_with(&mut server, &["listening agents=https://"]);
+        let server = KillOnDrop(server);
+        let agent = worker
+            .netns
+            .command(common::example("tunnel").get_program())
+            .args(["agent", "--server", &found[0], "--identity"])
+            .arg(format!("host={NODE}"))
+            .arg("--pki")
+            .arg(&pki)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tunnel agent");
+        OurTunnel {
+            _children: vec![KillOnDrop(agent), server],
+            grpc,
+            connect,
+        }
+    }
+}
+
+/// The real pair: konnectivity-server on the host's veth address, konnectivity-agent in the
+/// worker's namespace.
+async fn real_pair(worker: &Worker, mode: Mode) -> (KonnectivityServer, KonnectivityAgent) {
+    let b = worker.tunnel_bundle();
+    let file = |name: &str| b.get(name).expect(name).to_string();
+    let pem = |name: &str| Pem {
+        cert: file(&format!("pki/{name}.crt")),
+        key: file(&format!("pki/{name}.key")),
+    };
+    let tls = LinkTls {
+        ca_pem: file("pki/ca.crt"),
+        server: pem("konnectivity-server"),
+        agent: pem("konnectivity-agent"),
+    };
+    let mut o = ServerOptions::grpc_uds(&tls);
+    o.mode = mode;
+    o.agent_bind = worker.netns.host_ip();
+    let server = KonnectivityServer::start(o)
+        .await
+        .expect("konnectivity-server");
+    let mut a = AgentOptions::to(&server, &tls);
+    a.netns = Some(worker.netns.name().into());
+    a.local_address = worker.netns.ns_ip();
+    a.identifiers = Some(format!("host={NODE}"));
+    let mut agent = KonnectivityAgent::start(a)
+        .await
+        .expect("konnectivity-agent");
+    agent
+        .wait_connected()
+        .await
+        .expect("the real agent connects");
+    (server, agent)
+}
+
+/// Through our server and agent: the api-server's gRPC egress on a unix socket (Kamaji's
+/// mode) and its HTTPConnect egress both reach the namespace-only kubelet endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_proxy_reaches_the_worker_through_our_tunnel() {
+    let worker = Worker::start().await;
+    worker.assert_unreachable_from_host();
+    let tunnel = OurTunnel::start(&worker);
+    let etcd = etcd().await;
+    let grpc = apiserver(&etcd, Egress::GrpcUds(tunnel.grpc.clone()), &worker).await;
+    let connect = apiserver(
+        &etcd,
+        Egress::HttpConnectUds(tunnel.connect.clone()),
+        &worker,
+    )
+    .await;
+    for api in [&grpc, &connect] {
+        let body = page_through_node_proxy(api, &worker).await;
+        assert_eq!(body.trim(), worker.token);
+    }
+}
+
+/// Control: the same requests through the real konnectivity-server and agent, in gRPC and in
+/// HTTP CONNECT mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_proxy_reaches_the_worker_through_the_real_konnectivity() {
+    let worker = Worker::start().await;
+    worker.assert_unreachable_from_host();
+    let etcd = etcd().await;
+    let (grpc_server, _grpc_agent) = real_pair(&worker, Mode::Grpc).await;
+    let (connect_server, _connect_agent) = real_pair(&worker, Mode::HttpConnect).await;
+    let grpc = apiserver(&etcd, Egress::GrpcUds(grpc_server.uds().into()), &worker).await;
+    let connect = apiserver(
+        &etcd,
+        Egress::HttpConnectUds(connect_server.uds().into()),
+        &worker,
+    )
+    .await;
+    for api in [&grpc, &connect] {
+        let body = page_through_node_proxy(api, &worker).await;
+        assert_eq!(body.trim(), worker.token);
+    }
+}
