@@ -491,8 +491,15 @@ async fn serve_session(
             Frame::Data {
                 connect_id, data, ..
             } => match conns.with(connect_id, |s| s.deliver(data)) {
-                Some(Ok(())) => {}
-                Some(Err(_)) | None => {
+                Some(conn::Delivery::Queued) => {}
+                // A server without flow control: wait for the backend to take the bytes.
+                Some(conn::Delivery::Backlogged(backlog)) => {
+                    tokio::select! {
+                        _ = backlog.drained() => {}
+                        _ = link.closed() => break,
+                    }
+                }
+                Some(conn::Delivery::Overrun) | None => {
                     conns.remove(connect_id);
                     link.control(Frame::CloseResponse {
                         connect_id,

@@ -5,9 +5,11 @@
 //! metadata key): a sender may have at most the peer's window of unconsumed bytes in flight
 //! per connection; the receiver returns credit once bytes are written to the local socket.
 //! The packet reader of a link therefore never waits for a slow consumer, and a slow stream
-//! stalls only itself. With a peer that does not negotiate (a real Konnectivity piece), the
-//! receive buffer is capped instead and a connection that overruns it is closed with an
-//! error, rather than blocking every other connection on the link as Konnectivity does.
+//! stalls only itself. A peer that does not negotiate (a real Konnectivity piece) cannot be
+//! slowed per connection, so each connection buffers up to [`LEGACY_BUFFER`]; beyond that
+//! the link's reader waits for the connection to drain ([`Backlog`]). Nothing is dropped,
+//! and the link stalls only behind a connection that is that far behind, where Konnectivity
+//! stalls it as soon as one frontend's small channel is full.
 //!
 //! Windows are tuned per connection, like TCP's receive buffer: the advertised window is
 //! only the starting credit ([`INITIAL_FLOW_WINDOW`](crate::proto::INITIAL_FLOW_WINDOW)), and
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::link::Link;
@@ -57,24 +59,78 @@ pub(crate) const GROW_WITHIN: Duration = Duration::from_millis(100);
 pub(crate) struct Slot {
     tx: mpsc::UnboundedSender<Inbound>,
     buffered: Arc<AtomicUsize>,
-    /// The receive window: more buffered than this is an overrun.
+    /// The receive window: more buffered than this is an overrun (with flow control) or a
+    /// backlog (without).
     limit: Arc<AtomicUsize>,
     credit: Option<Arc<Semaphore>>,
+    /// Woken when the local side consumes bytes.
+    drained: Arc<Notify>,
 }
 
-/// A connection's data arrived beyond its receive buffer.
+/// What became of bytes handed to a connection.
 #[derive(Debug)]
-pub(crate) struct Overrun;
+pub(crate) enum Delivery {
+    /// Queued for the local socket.
+    Queued,
+    /// Queued, but the connection is over its buffer and its peer does no flow control:
+    /// the link's reader should wait on the backlog before reading on.
+    Backlogged(Backlog),
+    /// The peer overran the window it agreed to, or the local side is gone: the
+    /// connection must be closed.
+    Overrun,
+}
+
+/// A connection over its buffer; [`Backlog::drained`] waits until it is not.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    buffered: Arc<AtomicUsize>,
+    limit: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+    tx: mpsc::UnboundedSender<Inbound>,
+}
+
+impl Backlog {
+    /// Returns once the connection's buffer is back within its limit, or its local side is
+    /// gone.
+    pub(crate) async fn drained(self) {
+        loop {
+            let woken = self.drained.notified();
+            let mut woken = pin!(woken);
+            woken.as_mut().enable();
+            if self.buffered.load(Ordering::Acquire) <= self.limit.load(Ordering::Acquire)
+                || self.tx.is_closed()
+            {
+                return;
+            }
+            tokio::select! {
+                _ = woken => {}
+                _ = self.tx.closed() => return,
+            }
+        }
+    }
+}
 
 impl Slot {
-    /// Queues bytes for the local socket; `Err` when the peer overran the window.
-    pub(crate) fn deliver(&self, data: Bytes) -> Result<(), Overrun> {
+    /// Queues bytes for the local socket.
+    pub(crate) fn deliver(&self, data: Bytes) -> Delivery {
         let len = data.len();
-        if self.buffered.fetch_add(len, Ordering::AcqRel) + len > self.limit.load(Ordering::Acquire)
-        {
-            return Err(Overrun);
+        let over = self.buffered.fetch_add(len, Ordering::AcqRel) + len
+            > self.limit.load(Ordering::Acquire);
+        if over && self.credit.is_some() {
+            return Delivery::Overrun;
         }
-        self.tx.send(Inbound::Data(data)).map_err(|_| Overrun)
+        if self.tx.send(Inbound::Data(data)).is_err() {
+            return Delivery::Overrun;
+        }
+        if !over {
+            return Delivery::Queued;
+        }
+        Delivery::Backlogged(Backlog {
+            buffered: self.buffered.clone(),
+            limit: self.limit.clone(),
+            drained: self.drained.clone(),
+            tx: self.tx.clone(),
+        })
     }
 
     /// Ends the connection after the bytes already queued.
@@ -145,6 +201,7 @@ impl Flow {
 struct Receive {
     buffered: Arc<AtomicUsize>,
     limit: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
     /// `None` without flow control: nothing is granted back.
     tuning: Option<Tuning>,
 }
@@ -163,6 +220,7 @@ impl Receive {
     /// the window's growth), or `None` without flow control.
     fn consumed(&mut self, len: usize) -> Option<usize> {
         self.buffered.fetch_sub(len, Ordering::AcqRel);
+        self.drained.notify_waiters();
         let t = self.tuning.as_mut()?;
         let mut grant = len;
         t.consumed += len;
@@ -310,11 +368,13 @@ impl ConnTable {
         let limit = Arc::new(AtomicUsize::new(
             flow.own.map_or(LEGACY_BUFFER, |w| w.initial as usize),
         ));
+        let drained = Arc::new(Notify::new());
         let slot = Slot {
             tx,
             buffered: buffered.clone(),
             limit: limit.clone(),
             credit: credit.clone(),
+            drained: drained.clone(),
         };
         if let Some(old) = self.lock().insert(connect_id, slot) {
             old.close();
@@ -327,6 +387,7 @@ impl ConnTable {
             recv: Receive {
                 buffered,
                 limit,
+                drained,
                 tuning: flow.own.map(|w| Tuning {
                     window: w.initial as usize,
                     max: w.max as usize,
@@ -519,6 +580,7 @@ mod tests {
         Receive {
             buffered: Arc::new(AtomicUsize::new(usize::MAX / 2)),
             limit: Arc::new(AtomicUsize::new(window.initial as usize)),
+            drained: Arc::new(Notify::new()),
             tuning: Some(Tuning {
                 window: window.initial as usize,
                 max: window.max as usize,
@@ -591,9 +653,60 @@ mod tests {
         let mut r = Receive {
             buffered: Arc::new(AtomicUsize::new(10)),
             limit: Arc::new(AtomicUsize::new(LEGACY_BUFFER)),
+            drained: Arc::new(Notify::new()),
             tuning: None,
         };
         assert_eq!(r.consumed(10), None);
         assert_eq!(r.buffered.load(Ordering::Acquire), 0);
+    }
+
+    /// Without flow control, bytes beyond the buffer are still queued (none is lost), and
+    /// the backlog they return is drained once the local side has consumed enough, or is
+    /// gone.
+    #[tokio::test]
+    async fn a_legacy_connection_over_its_buffer_backs_the_reader_off_and_loses_nothing() {
+        let table = Arc::new(ConnTable::default());
+        let (link, _rx) = Link::new();
+        let legacy = Flow {
+            own: None,
+            peer: None,
+        };
+        let mut end = table.open(1, link.clone(), legacy);
+        let chunk = Bytes::from(vec![0u8; LEGACY_BUFFER / 2]);
+        for _ in 0..2 {
+            let d = table.with(1, |s| s.deliver(chunk.clone())).expect("slot");
+            assert!(matches!(d, Delivery::Queued), "{d:?}");
+        }
+        let Some(Delivery::Backlogged(backlog)) = table.with(1, |s| s.deliver(chunk.clone()))
+        else {
+            panic!("over the buffer: a backlog");
+        };
+        let waiting = tokio::spawn(backlog.drained());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "still over the buffer");
+        for _ in 0..3 {
+            let Some(Inbound::Data(d)) = end.recv().await else {
+                panic!("every queued byte arrives");
+            };
+            end.consumed(d.len());
+        }
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("drained once consumed")
+            .expect("task");
+
+        // A local side that goes away ends the wait too.
+        let end2 = table.open(2, link, legacy);
+        for _ in 0..2 {
+            table.with(2, |s| s.deliver(chunk.clone()));
+        }
+        let Some(Delivery::Backlogged(backlog)) = table.with(2, |s| s.deliver(chunk.clone()))
+        else {
+            panic!("a backlog");
+        };
+        drop(end2);
+        tokio::time::timeout(Duration::from_secs(5), backlog.drained())
+            .await
+            .expect("the local side is gone");
     }
 }

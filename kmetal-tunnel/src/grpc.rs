@@ -490,6 +490,57 @@ mod tests {
         ]
     }
 
+    /// A response body carrying thousands of small DATA packets (a real agent's 4 KiB) and
+    /// then a close, polled while the packets arrive in bursts, delivers every packet in
+    /// order, the close last.
+    #[tokio::test]
+    async fn a_response_body_keeps_every_small_packet_and_its_order() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Packet>(64);
+        let n = 3_000usize;
+        tokio::spawn(async move {
+            for i in 0..n {
+                let f = Frame::Data {
+                    connect_id: 1,
+                    data: Bytes::from(vec![(i % 251) as u8; 4096]),
+                    error: String::new(),
+                };
+                tx.send(f.into()).await.expect("send");
+                if i % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let close = Frame::CloseResponse {
+                connect_id: 1,
+                error: String::new(),
+            };
+            tx.send(close.into()).await.expect("send");
+        });
+        let mut body = PacketBody::response(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut decoder = Decoder::default();
+        let mut got = Vec::new();
+        loop {
+            let frame =
+                std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx))
+                    .await;
+            let Some(Ok(frame)) = frame else { break };
+            if let Ok(data) = frame.into_data() {
+                decoder.push(data);
+                while let Some(p) = decoder.next_packet().expect("decode") {
+                    got.push(Frame::try_from(p).expect("frame"));
+                }
+            }
+        }
+        assert_eq!(got.len(), n + 1);
+        for (i, f) in got[..n].iter().enumerate() {
+            let Frame::Data { data, .. } = f else {
+                panic!("packet {i} is {f:?}");
+            };
+            assert_eq!(data.len(), 4096, "packet {i}");
+            assert_eq!(data[0], (i % 251) as u8, "packet {i} out of order");
+        }
+        assert!(matches!(got[n], Frame::CloseResponse { .. }));
+    }
+
     #[test]
     fn split_encoding_is_byte_identical_to_prost() {
         for p in packets() {

@@ -55,6 +55,11 @@ impl Link {
         self.data.send(frame.into()).await.is_ok()
     }
 
+    /// Resolves once the peer's side of the link is gone (its outbound stream dropped).
+    pub(crate) async fn closed(&self) {
+        self.control.closed().await;
+    }
+
     /// Ends the outbound stream after the control packets already queued.
     pub(crate) fn end(&self) {
         let _ = self.control.send(None);

@@ -485,3 +485,44 @@ async fn the_real_agent_holds_our_three_servers_behind_one_address() {
         t.stop().await;
     }
 }
+
+/// A bulk download from the real agent (no flow control), whose backend speaks first, to a
+/// gRPC frontend reader that falls far behind loses nothing: the dial's answer comes before
+/// the first bytes, and beyond its buffer the connection backs the link off instead of
+/// being cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_behind_the_real_agent_loses_no_byte() {
+    let b = bundle("tenant-a");
+    let tunnel = Tunnel::start(&b, server_config("s0", 1)).await;
+    let _agent = real_agent(&b, tunnel.agent_addr, "real-node-1", "host=node-1").await;
+    assert!(eventually(WAIT, || tunnel.server.stats().agents == 1).await);
+    let total = 48usize << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let source = l.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        let data = pattern(total, 5);
+        s.write_all(&data).await.expect("write");
+    });
+    let client = ProxyClient::connect_unix(&tunnel.grpc_uds)
+        .await
+        .expect("client");
+    let mut s = client.dial(&source).await.expect("dial");
+    // Far behind: the agent sends the whole 48 MiB before we read a byte.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::with_capacity(total);
+    let mut buf = vec![0u8; 1 << 16];
+    while got.len() < total {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("data within the deadline")
+            .expect("read");
+        assert!(
+            n > 0,
+            "the stream ended after {} of {total} bytes",
+            got.len()
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got == pattern(total, 5), "bytes altered");
+}

@@ -145,7 +145,14 @@ impl AgentEndpoint {
                 };
                 match next {
                     Ok(Some(packet)) => match Frame::try_from(packet) {
-                        Ok(frame) => shared.on_agent_frame(&session, frame),
+                        Ok(frame) => {
+                            if let Some(backlog) = shared.on_agent_frame(&session, frame) {
+                                tokio::select! {
+                                    _ = backlog.drained() => {}
+                                    _ = session.ended.cancelled() => break,
+                                }
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(agent = %session.id, error = %e, "malformed packet from agent; ignored")
                         }

@@ -210,6 +210,16 @@ impl GrpcFrontend {
                     Ok(end) => {
                         self.next_id += 1;
                         let id = self.next_id;
+                        // The answer goes out before the forwarder starts: a backend that
+                        // speaks first (a real agent sends its bytes at once) would
+                        // otherwise put DATA ahead of it, and a client drops DATA that
+                        // comes before its dial's answer.
+                        self.send(Frame::DialResponse {
+                            random,
+                            connect_id: id,
+                            error: String::new(),
+                        })
+                        .await;
                         let sender = end.sender();
                         let tx = self.tx.clone();
                         let events = events.clone();
@@ -218,12 +228,6 @@ impl GrpcFrontend {
                             let _ = events.send(GrpcEvent::Closed { id });
                         });
                         self.conns.insert(id, FrontendConn { sender, forwarder });
-                        self.send(Frame::DialResponse {
-                            random,
-                            connect_id: id,
-                            error: String::new(),
-                        })
-                        .await;
                     }
                     Err(e) => {
                         self.send(Frame::DialResponse {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::config::{ServerConfig, Strategy};
-use crate::conn::{ConnEnd, ConnTable, Flow};
+use crate::conn::{Backlog, ConnEnd, ConnTable, Delivery, Flow};
 use crate::link::Link;
 use crate::proto::{self, Frame, Identifiers};
 
@@ -234,8 +234,9 @@ impl Shared {
         session.ended.cancel();
     }
 
-    /// Handles one packet from an agent.
-    pub(super) fn on_agent_frame(&self, session: &Session, frame: Frame) {
+    /// Handles one packet from an agent; a backlog when the reader should wait for a
+    /// connection to drain before reading on (an agent without flow control).
+    pub(super) fn on_agent_frame(&self, session: &Session, frame: Frame) -> Option<Backlog> {
         match frame {
             Frame::DialResponse {
                 random,
@@ -269,8 +270,9 @@ impl Shared {
             } => {
                 let delivered = session.conns.with(connect_id, |s| s.deliver(data));
                 match delivered {
-                    Some(Ok(())) => {}
-                    Some(Err(_)) => {
+                    Some(Delivery::Queued) => {}
+                    Some(Delivery::Backlogged(backlog)) => return Some(backlog),
+                    Some(Delivery::Overrun) => {
                         tracing::warn!(agent = %session.id, connect_id, "connection overran its receive window; closing it");
                         session.conns.remove(connect_id);
                         session.link.control(Frame::CloseRequest { connect_id });
@@ -299,5 +301,6 @@ impl Shared {
                 tracing::debug!(agent = %session.id, ?other, "unexpected packet from an agent; ignored");
             }
         }
+        None
     }
 }
