@@ -257,6 +257,34 @@ fn main() {
         let real_ours = ready("real server + our agent", s, a, &echo).await;
         let pairs = [real, ours, ours_real, real_ours];
 
+        // Memory first, while every process is fresh: later phases leave freed memory
+        // behind that new streams would reuse unseen.
+        let streams = if quick { 20 } else { 1_000 };
+        println!(
+            "memory per idle stream ({streams} open on fresh processes; RSS growth of the server and agent processes):"
+        );
+        let mut per = Vec::new();
+        for p in &pairs {
+            let before = p.rss();
+            let mut open = Vec::new();
+            for _ in 0..streams {
+                let mut s = p.client.dial(&echo).await.unwrap();
+                round_trips(&mut s, 1).await;
+                open.push(s);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = p.rss();
+            per.push(after.saturating_sub(before) as f64 / streams as f64);
+            drop(open);
+        }
+        for (p, b) in pairs.iter().zip(&per) {
+            println!(
+                "  {:26} {b:8.0} B ({:.2}x)",
+                p.name,
+                b / per[0].max(1.0)
+            );
+        }
+
         let total: usize = if quick { 1 << 20 } else { 64 << 20 };
         let rounds = if quick { 1 } else { 7 };
         let src = source(total).await.to_string();
@@ -327,7 +355,6 @@ fn main() {
             );
         }
 
-        let streams = if quick { 20 } else { 1_000 };
         println!("{streams} concurrent streams, 10 x 1 KiB round trips each (ratio of time to the real pair):");
         let mut times = Vec::new();
         for p in &pairs {
@@ -363,28 +390,6 @@ fn main() {
             );
         }
 
-        println!("memory per idle stream ({streams} open; RSS growth of the server and agent processes):");
-        let mut per = Vec::new();
-        for p in &pairs {
-            let before = p.rss();
-            let mut open = Vec::new();
-            for _ in 0..streams {
-                let mut s = p.client.dial(&echo).await.unwrap();
-                round_trips(&mut s, 1).await;
-                open.push(s);
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let after = p.rss();
-            per.push(after.saturating_sub(before) as f64 / streams as f64);
-            drop(open);
-        }
-        for (p, b) in pairs.iter().zip(&per) {
-            println!(
-                "  {:26} {b:8.0} B ({:.2}x)",
-                p.name,
-                b / per[0].max(1.0)
-            );
-        }
     });
 }
 
