@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::streams::{drain, echo_backend, median, pct, round_trips, serve, source};
+use common::streams::{drain, echo_backend, median, pct, round_trips, sink, source, upload};
 use kmetal_pki::{Bundle, PkiSpec};
 use kmetal_testkit::konnectivity::{AgentOptions, LinkTls, ServerOptions};
 use kmetal_testkit::tls::Pem;
@@ -209,22 +209,6 @@ async fn ready(name: &'static str, server: ServerSide, agent: AgentSide, echo: &
     }
 }
 
-/// A backend that reads everything and answers one byte when the client has sent `total`.
-async fn sink(total: usize) -> std::net::SocketAddr {
-    serve(move |mut s| async move {
-        let mut buf = vec![0u8; 256 << 10];
-        let mut left = total;
-        while left > 0 {
-            match s.read(&mut buf[..left.min(256 << 10)]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left -= n,
-            }
-        }
-        let _ = s.write_all(b"!").await;
-    })
-    .await
-}
-
 fn mbps(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e6
 }
@@ -296,17 +280,9 @@ fn main() {
                 let got = drain(p.client.dial(&src).await.unwrap()).await;
                 assert_eq!(got, total, "{}: the download lost bytes", p.name);
                 down[i].push(mbps(total, t.elapsed()));
-                let mut s = p.client.dial(&snk).await.unwrap();
-                let chunk = vec![0xa5u8; 256 << 10];
+                let s = p.client.dial(&snk).await.unwrap();
                 let t = Instant::now();
-                let mut left = total;
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    s.write_all(&chunk[..n]).await.unwrap();
-                    left -= n;
-                }
-                let mut ack = [0u8; 1];
-                s.read_exact(&mut ack).await.unwrap();
+                upload(s, total).await;
                 up[i].push(mbps(total, t.elapsed()));
             }
         }

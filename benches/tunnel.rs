@@ -27,7 +27,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::streams::{drain, echo_backend, median, pct, round_trips, serve, source, write_total};
+use common::streams::{
+    drain, echo_backend, median, pct, read_total, round_trips, serve, sink, source, upload,
+    write_total,
+};
 use kmetal_pki::{Bundle, PkiSpec};
 use kmetal_tunnel::{Agent, AgentConfig, ConnectListener, ProxyClient, Server, ServerConfig, tls};
 use rustls::pki_types::ServerName;
@@ -144,39 +147,6 @@ async fn via_mtls(s: &Setup, target: &str) -> tokio_rustls::client::TlsStream<Tc
         .await
         .unwrap();
     connect(tls, target).await
-}
-
-/// A backend that reads `total` bytes from each connection, then answers one byte.
-async fn sink(total: usize) -> SocketAddr {
-    serve(move |mut s| async move { read_total(&mut s, total).await }).await
-}
-
-async fn read_total<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, total: usize) {
-    let mut buf = vec![0u8; 256 << 10];
-    let mut left = total;
-    while left > 0 {
-        match s.read(&mut buf[..left.min(256 << 10)]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => left -= n,
-        }
-    }
-    let _ = s.write_all(b"!").await;
-    let _ = s.flush().await;
-}
-
-/// Writes `total` bytes to `s` and waits for the sink's answer; the bytes written.
-async fn upload<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, total: usize) -> usize {
-    let chunk = vec![0xa5; 256 << 10];
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        s.write_all(&chunk[..n]).await.unwrap();
-        left -= n;
-    }
-    s.flush().await.unwrap();
-    let mut ack = [0u8; 1];
-    s.read_exact(&mut ack).await.unwrap();
-    total
 }
 
 /// The peer: a direct TLS server with the same certificate profile writing `total` bytes.

@@ -89,3 +89,36 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// A backend that reads `total` bytes from each connection, then answers one byte.
+pub async fn sink(total: usize) -> SocketAddr {
+    serve(move |mut s| async move { read_total(&mut s, total).await }).await
+}
+
+pub async fn read_total<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, total: usize) {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut left = total;
+    while left > 0 {
+        match s.read(&mut buf[..left.min(256 << 10)]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left -= n,
+        }
+    }
+    let _ = s.write_all(b"!").await;
+    let _ = s.flush().await;
+}
+
+/// Writes `total` bytes to `s` and waits for the sink's answer; the bytes written.
+pub async fn upload<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, total: usize) -> usize {
+    let chunk = vec![0xa5; 256 << 10];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await.unwrap();
+        left -= n;
+    }
+    s.flush().await.unwrap();
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).await.unwrap();
+    total
+}
