@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use kmetal_testkit::konnectivity::{AgentOptions, ServerOptions};
 use kmetal_testkit::{FaultProxy, KonnectivityAgent, KonnectivityServer};
-use kmetal_tunnel::ProxyClient;
+use kmetal_tunnel::{ProxyClient, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -301,4 +301,159 @@ async fn ten_thousand_dial_close_cycles_leak_nothing() {
     );
     assert_eq!(ours_ok, n);
     assert!(settled, "tasks {t0} -> {t1}");
+}
+
+/// A backend that accepts slowly: a backlog of 8, one accept every 20 ms, then it closes the
+/// connection.
+async fn slow_acceptor() -> String {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let l = socket.listen(8).expect("listen");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    addr.to_string()
+}
+
+/// `n` CONNECT dials at once through the unix socket `uds`, each given up after 3 s; the
+/// dials answered 200 and the largest pending count `pending` reported meanwhile.
+async fn pile_up(
+    uds: &Path,
+    target: &str,
+    n: usize,
+    pending: impl AsyncFn() -> usize,
+) -> (usize, usize) {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (uds, target) = (uds.to_owned(), target.to_string());
+        set.spawn(async move {
+            let Ok(s) = tokio::net::UnixStream::connect(&uds).await else {
+                return false;
+            };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(3), connect_over(s, &target)).await,
+                Ok(Ok(_))
+            )
+        });
+    }
+    let (mut ok, mut most) = (0, 0);
+    loop {
+        most = most.max(pending().await);
+        match tokio::time::timeout(Duration::from_millis(200), set.join_next()).await {
+            Ok(Some(r)) => ok += usize::from(matches!(r, Ok(true))),
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    (ok, most)
+}
+
+/// Pending dials piling up under load (ANP #855): 1,000 HTTP CONNECT dials to a backend that
+/// accepts slowly, every client giving up after 3 s. Once they have, no dial may stay pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_dials_do_not_pile_up_behind_a_slow_backend() {
+    let n = 1_000;
+    let b = bundle("tenant-a");
+    let slow = slow_acceptor().await;
+
+    let tls = link_tls(&b);
+    let mut o = ServerOptions::grpc_uds(&tls);
+    o.mode = kmetal_testkit::konnectivity::Mode::HttpConnect;
+    let real_server = KonnectivityServer::start(o).await.expect("server");
+    let mut agent = KonnectivityAgent::start(AgentOptions::to(&real_server, &tls))
+        .await
+        .expect("agent");
+    agent.wait_connected().await.expect("connected");
+    let real_pending = async || {
+        let m = real_server.metrics().await.unwrap_or_default();
+        m.lines()
+            .filter(|l| l.starts_with("konnectivity_network_proxy_server_pending_backend_dials"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    };
+    let t = Instant::now();
+    let (real_ok, real_most) = pile_up(real_server.uds(), &slow, n, real_pending).await;
+    let real_took = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let real_left = real_pending().await;
+
+    let tunnel = Tunnel::start(&b, server_config("s0", 1)).await;
+    let _agent = agent_for(&b, &tunnel);
+    assert!(eventually(WAIT, || tunnel.server.stats().agents == 1).await);
+    let ours_pending = async || tunnel.server.stats().pending_dials;
+    let t = Instant::now();
+    let (ours_ok, ours_most) = pile_up(&tunnel.connect_uds, &slow, n, ours_pending).await;
+    let ours_took = t.elapsed();
+    let settled = eventually(Duration::from_secs(15), || {
+        tunnel.server.stats().pending_dials == 0
+    })
+    .await;
+    println!(
+        "| {n} dials to a slow backend | {real_ok} answered in {real_took:.1?}, at most {real_most} pending, {real_left} still pending 5 s after | {ours_ok} answered in {ours_took:.1?}, at most {ours_most} pending, {} still pending |",
+        tunnel.server.stats().pending_dials
+    );
+    assert!(settled, "{:?}", tunnel.server.stats());
+}
+
+/// Our agent for `tunnel`, connected.
+fn agent_for(b: &kmetal_pki::Bundle, tunnel: &Tunnel) -> kmetal_tunnel::Agent {
+    agent(b, vec![tunnel.agent_addr.to_string()], "node-1")
+}
+
+/// ANP #855 itself: the agent's link stops making progress while it still counts as
+/// connected (the link black-holed: no bytes, no FIN), each side at its default keepalive,
+/// and 1,000 HTTP CONNECT dials arrive, each client giving up after 3 s. A real server's
+/// handlers block sending DIAL_REQ into the stalled stream and their pending dials stay; ours
+/// must hold none 15 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_dials_do_not_pile_up_behind_a_stalled_agent_link() {
+    let n = 1_000;
+    let b = bundle("tenant-a");
+    let echo = echo_backend().await.to_string();
+
+    let tls = link_tls(&b);
+    let mut o = ServerOptions::grpc_uds(&tls);
+    o.mode = kmetal_testkit::konnectivity::Mode::HttpConnect;
+    let real_server = KonnectivityServer::start(o).await.expect("server");
+    let proxy = FaultProxy::start(real_server.agent_addr())
+        .await
+        .expect("proxy");
+    let mut a = AgentOptions::to(&real_server, &tls);
+    a.server = proxy.addr();
+    let mut real_agent = KonnectivityAgent::start(a).await.expect("agent");
+    real_agent.wait_connected().await.expect("connected");
+    proxy.blackhole();
+    let real_pending = async || {
+        let m = real_server.metrics().await.unwrap_or_default();
+        m.lines()
+            .filter(|l| l.starts_with("konnectivity_network_proxy_server_pending_backend_dials"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    };
+    let (real_ok, real_most) = pile_up(real_server.uds(), &echo, n, real_pending).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let real_left = real_pending().await;
+
+    let tunnel = Tunnel::start(&b, ServerConfig::new("s0", 1)).await;
+    let proxy = FaultProxy::start(tunnel.agent_addr).await.expect("proxy");
+    let _agent = agent(&b, vec![proxy.addr().to_string()], "node-1");
+    assert!(eventually(WAIT, || tunnel.server.stats().agents == 1).await);
+    proxy.blackhole();
+    let ours_pending = async || tunnel.server.stats().pending_dials;
+    let (ours_ok, ours_most) = pile_up(&tunnel.connect_uds, &echo, n, ours_pending).await;
+    let settled = eventually(Duration::from_secs(15), || {
+        tunnel.server.stats().pending_dials == 0
+    })
+    .await;
+    println!(
+        "| {n} dials behind a stalled agent link | {real_ok} answered, at most {real_most} pending, {real_left} still pending 15 s after | {ours_ok} answered, at most {ours_most} pending, {} still pending |",
+        tunnel.server.stats().pending_dials
+    );
+    assert!(settled, "{:?}", tunnel.server.stats());
 }
