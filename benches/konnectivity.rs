@@ -93,20 +93,18 @@ struct Pair {
 }
 
 impl Pair {
-    /// RSS of the server and agent processes, bytes.
-    fn rss(&self) -> u64 {
-        [self.server.pid(), self.agent.pid()]
-            .iter()
-            .map(|pid| {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-                let kb: u64 = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                    .unwrap();
-                kb * 1024
-            })
-            .sum()
+    /// RSS of the server and of the agent process, bytes.
+    fn rss(&self) -> (u64, u64) {
+        let of = |pid: u32| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap();
+            kb * 1024
+        };
+        (of(self.server.pid()), of(self.agent.pid()))
     }
 }
 
@@ -258,14 +256,19 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
             let after = p.rss();
-            per.push(after.saturating_sub(before) as f64 / streams as f64);
+            let grew = |a: u64, b: u64| a.saturating_sub(b) as f64 / streams as f64;
+            per.push((grew(after.0, before.0), grew(after.1, before.1)));
             drop(open);
         }
+        let all = |(s, a): (f64, f64)| s + a;
         for (p, b) in pairs.iter().zip(&per) {
             println!(
-                "  {:26} {b:8.0} B ({:.2}x)",
+                "  {:26} {:8.0} B ({:.2}x): server {:.0} B, agent {:.0} B",
                 p.name,
-                b / per[0].max(1.0)
+                all(*b),
+                all(*b) / all(per[0]).max(1.0),
+                b.0,
+                b.1
             );
         }
 
