@@ -446,3 +446,80 @@ async fn a_dial_nobody_answers_times_out_and_is_abandoned() {
         .expect("DIAL_CLS within the deadline");
     assert_eq!(abandoned, Some(Frame::CloseDial { random }));
 }
+
+/// A tonic ProxyService that forwards a backend which speaks first: its bytes come before
+/// the dial's answer, then more bytes and the close.
+struct EagerFrontend;
+
+#[tonic::async_trait]
+impl kmetal_tunnel::proto::wire::proxy_service_server::ProxyService for EagerFrontend {
+    type ProxyStream = ReceiverStream<Result<Packet, Status>>;
+
+    async fn proxy(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::ProxyStream>, Status> {
+        let mut from_client = request.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            let Ok(Some(p)) = from_client.message().await else {
+                return;
+            };
+            let Ok(Frame::DialRequest { random, .. }) = Frame::try_from(p) else {
+                return;
+            };
+            let data = |connect_id, bytes: &'static [u8]| Frame::Data {
+                connect_id,
+                data: Bytes::from_static(bytes),
+                error: String::new(),
+            };
+            for f in [
+                data(7, b"hello, "),
+                data(99, b"not ours "),
+                Frame::DialResponse {
+                    random,
+                    connect_id: 7,
+                    error: String::new(),
+                },
+                data(7, b"world"),
+                Frame::CloseResponse {
+                    connect_id: 7,
+                    error: String::new(),
+                },
+            ] {
+                let _ = tx.send(Ok(f.into())).await;
+            }
+            // Keep the stream open until the client is done.
+            while let Ok(Some(_)) = from_client.message().await {}
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Bytes a server sends before the dial's answer (a backend that speaks first) are kept and
+/// read first, in order; another connection's are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_dial_answer_are_not_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("eager.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                kmetal_tunnel::proto::wire::proxy_service_server::ProxyServiceServer::new(
+                    EagerFrontend,
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let client = kmetal_tunnel::ProxyClient::connect_unix(&path)
+        .await
+        .expect("client");
+    let mut s = client.dial("10.0.0.1:10250").await.expect("dial");
+    let mut got = String::new();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut got))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(got, "hello, world");
+}
