@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use common::streams::{drain, echo_backend, median, pct, round_trips, sink, source, upload};
 use kmetal_pki::{Bundle, PkiSpec};
 use kmetal_testkit::konnectivity::{AgentOptions, LinkTls, ServerOptions};
-use kmetal_testkit::tls::Pem;
 use kmetal_testkit::{KonnectivityAgent, KonnectivityServer};
 use kmetal_tunnel::ProxyClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,19 +104,6 @@ impl Pair {
             kb * 1024
         };
         (of(self.server.pid()), of(self.agent.pid()))
-    }
-}
-
-fn link_tls(bundle: &Bundle) -> LinkTls {
-    let file = |name: &str| bundle.get(name).unwrap().to_string();
-    let pem = |name: &str| Pem {
-        cert: file(&format!("pki/{name}.crt")),
-        key: file(&format!("pki/{name}.key")),
-    };
-    LinkTls {
-        ca_pem: file("pki/ca.crt"),
-        server: pem("konnectivity-server"),
-        agent: pem("konnectivity-agent"),
     }
 }
 
@@ -222,7 +208,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let bundle = Bundle::generate(&PkiSpec::new("bench", "127.0.0.1:6443")).unwrap();
         bundle.write_dir(dir.path()).unwrap();
-        let tls = link_tls(&bundle);
+        let tls = LinkTls::from_bundle(&bundle).unwrap();
         let echo = echo_backend().await.to_string();
 
         let s = real_server(&tls).await;

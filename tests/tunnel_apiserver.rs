@@ -253,17 +253,7 @@ impl OurTunnel {
 /// The real pair: konnectivity-server on the host's veth address, konnectivity-agent in the
 /// worker's namespace.
 async fn real_pair(worker: &Worker, mode: Mode) -> (KonnectivityServer, KonnectivityAgent) {
-    let b = worker.tunnel_bundle();
-    let file = |name: &str| b.get(name).expect(name).to_string();
-    let pem = |name: &str| Pem {
-        cert: file(&format!("pki/{name}.crt")),
-        key: file(&format!("pki/{name}.key")),
-    };
-    let tls = LinkTls {
-        ca_pem: file("pki/ca.crt"),
-        server: pem("konnectivity-server"),
-        agent: pem("konnectivity-agent"),
-    };
+    let tls = LinkTls::from_bundle(&worker.tunnel_bundle()).expect("link certificates");
     let mut o = ServerOptions::grpc_uds(&tls);
     o.mode = mode;
     o.agent_bind = worker.netns.host_ip();

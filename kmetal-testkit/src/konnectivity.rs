@@ -39,6 +39,9 @@ pub enum KonnectivityError {
     /// Creating the temporary directory failed.
     #[error("cannot create a temporary directory")]
     TempDir(#[source] std::io::Error),
+    /// The bundle lacks a file the link needs.
+    #[error("{0}: missing from the PKI bundle")]
+    MissingFile(String),
     /// Signalling the process failed.
     #[error("cannot signal {what}")]
     Signal {
@@ -63,6 +66,28 @@ pub struct LinkTls {
 }
 
 impl LinkTls {
+    /// The certificates of a tenant's kmetal-pki bundle: its CA and the
+    /// `konnectivity-server` and `konnectivity-agent` pairs kmetal's own tunnel uses.
+    pub fn from_bundle(bundle: &kmetal_pki::Bundle) -> Result<Self, KonnectivityError> {
+        let file = |name: String| {
+            bundle
+                .get(&name)
+                .map(str::to_string)
+                .ok_or(KonnectivityError::MissingFile(name))
+        };
+        let pem = |name: &str| -> Result<Pem, KonnectivityError> {
+            Ok(Pem {
+                cert: file(format!("pki/{name}.crt"))?,
+                key: file(format!("pki/{name}.key"))?,
+            })
+        };
+        Ok(Self {
+            ca_pem: file("pki/ca.crt".into())?,
+            server: pem("konnectivity-server")?,
+            agent: pem("konnectivity-agent")?,
+        })
+    }
+
     /// A fresh CA and both certificates.
     pub fn generate() -> Result<Self, KonnectivityError> {
         let ca = TestCa::new("kmetal-test-konnectivity-ca")?;

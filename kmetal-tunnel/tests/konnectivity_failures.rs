@@ -17,11 +17,10 @@ use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The real pair; `through` puts a fault proxy on the agent link.
+/// The real pair (no agent when `with_agent` is false), at our tests' keepalive.
 async fn real_pair(
     b: &kmetal_pki::Bundle,
     with_agent: bool,
-    through: Option<&FaultProxy>,
 ) -> (KonnectivityServer, Option<KonnectivityAgent>) {
     let tls = link_tls(b);
     let mut o = ServerOptions::grpc_uds(&tls);
@@ -34,9 +33,6 @@ async fn real_pair(
         return (server, None);
     }
     let mut a = AgentOptions::to(&server, &tls);
-    if let Some(p) = through {
-        a.server = p.addr();
-    }
     a.extra_args.push("--keepalive-time=1s".into());
     let mut agent = KonnectivityAgent::start(a)
         .await
@@ -111,7 +107,7 @@ fn row(name: &str, real: &Result<Duration, String>, ours: &Result<Duration, Stri
 async fn a_stalled_stream_blocks_no_other_stream() {
     let b = bundle("tenant-a");
     let (flood, echo) = (flood().await, echo_backend().await.to_string());
-    let (real_server, _real_agent) = real_pair(&b, true, None).await;
+    let (real_server, _real_agent) = real_pair(&b, true).await;
     let real = head_of_line(real_server.uds(), &flood, &echo).await;
     let tunnel = Tunnel::start(&b, server_config("s0", 1)).await;
     let _agent = agent(&b, vec![tunnel.agent_addr.to_string()], "node-1");
@@ -144,7 +140,7 @@ async fn with_no_agent_a_dial_fails_at_once() {
             }
         }
     };
-    let (real_server, _) = real_pair(&b, false, None).await;
+    let (real_server, _) = real_pair(&b, false).await;
     let real = dial_error(real_server.uds().to_owned()).await;
     let tunnel = Tunnel::start(&b, server_config("s0", 1)).await;
     let ours = dial_error(tunnel.grpc_uds.clone()).await;
@@ -258,7 +254,7 @@ async fn ten_thousand_dial_close_cycles_leak_nothing() {
     let b = bundle("tenant-a");
     let echo = echo_backend().await.to_string();
 
-    let (real_server, real_agent) = real_pair(&b, true, None).await;
+    let (real_server, real_agent) = real_pair(&b, true).await;
     let real_agent = real_agent.expect("agent");
     let pid = real_server.pid().expect("pid");
     cycles(real_server.uds(), &echo, 10).await;

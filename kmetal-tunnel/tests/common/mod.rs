@@ -262,14 +262,5 @@ pub async fn round_robin(upstreams: Vec<std::net::SocketAddr>) -> std::net::Sock
 /// The real Konnectivity pieces' certificates, from the tenant's kmetal-pki bundle: the
 /// server and agent certificates our own server and agent use.
 pub fn link_tls(bundle: &Bundle) -> kmetal_testkit::konnectivity::LinkTls {
-    let file = |name: &str| bundle.get(name).expect(name).to_string();
-    let pem = |name: &str| kmetal_testkit::tls::Pem {
-        cert: file(&format!("pki/{name}.crt")),
-        key: file(&format!("pki/{name}.key")),
-    };
-    kmetal_testkit::konnectivity::LinkTls {
-        ca_pem: file(tls::CA),
-        server: pem("konnectivity-server"),
-        agent: pem("konnectivity-agent"),
-    }
+    kmetal_testkit::konnectivity::LinkTls::from_bundle(bundle).expect("link certificates")
 }
