@@ -115,7 +115,7 @@ impl Metrics {
                     .certificates
                     .values()
                     .filter_map(|c| c.not_after.as_deref())
-                    .filter_map(parse_rfc3339)
+                    .filter_map(kmetal::core::time::parse_rfc3339)
                     .min()
                 {
                     let left = first.duration_since(now).map_or(0.0, |d| d.as_secs_f64());
@@ -146,29 +146,6 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Parses the `YYYY-MM-DDTHH:MM:SSZ` timestamps the PKI reports.
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    u64::try_from(secs)
-        .ok()
-        .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the process ends.

@@ -6,7 +6,6 @@
 //! metadata and spec, reconcilers own status and finalizers.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use base64::Engine;
 use kmetal::datastore::model::{
@@ -169,29 +168,7 @@ pub fn secret_data(secret: &Value) -> std::collections::BTreeMap<String, String>
     out
 }
 
-/// An RFC 3339 UTC timestamp (seconds).
-pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use kmetal::core::time::now_rfc3339;
 
 impl Store {
     pub fn new(ds: Arc<dyn Datastore>) -> Self {

@@ -13,6 +13,7 @@
 //! - [`manifest`]: multi-document YAML/JSON files dispatched on `apiVersion`/`kind`.
 //! - [`net`]: CIDRs, `host:port` endpoints, DNS names.
 //! - [`version`]: Kubernetes versions and the upgrade rule.
+//! - [`time`]: RFC 3339 timestamps as Kubernetes writes them (conditions, Leases).
 //!
 //! ```
 //! use kmetal_core::manifest::{parse_str, Content};
@@ -39,6 +40,7 @@ pub mod meta;
 pub mod net;
 pub mod object;
 pub mod tenant;
+pub mod time;
 pub mod validate;
 pub mod version;
 

@@ -17,6 +17,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use kmetal_pki::{Bundle, PkiSpec};
+use kmetal_runtime::Component;
+use kmetal_runtime::flags::{self, ApiserverInputs, EtcdClient};
+use kmetal_runtime::layout::TenantLayout;
 use tempfile::TempDir;
 
 use crate::http::{self, HttpError};
@@ -36,9 +39,9 @@ pub enum KubeError {
     /// A request to the component failed.
     #[error(transparent)]
     Http(#[from] HttpError),
-    /// The bundle lacks a file the component needs.
-    #[error("the tenant bundle has no {0}")]
-    MissingFile(&'static str),
+    /// The tenant's files could not be written or lack one a component needs.
+    #[error(transparent)]
+    Layout(#[from] kmetal_runtime::layout::LayoutError),
     /// Bootstrapping an object (kubeadm's cluster-admins binding) was refused.
     #[error("{what} answered {status}: {body}")]
     Refused {
@@ -70,57 +73,11 @@ impl From<kmetal_pki::PkiError> for KubeError {
     }
 }
 
-/// How the api-server authenticates to etcd.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum EtcdClientTls {
-    /// Plain `http://` endpoints.
-    #[default]
-    None,
-    /// The bundle's `apiserver-etcd-client` certificate and `etcd/ca.crt` (a dedicated etcd or
-    /// a gateway serving with the tenant's etcd CA).
-    Bundle,
-    /// Files issued elsewhere (a shared datastore's CA and the tenant's client certificate).
-    Files {
-        /// CA that signs the etcd servers' certificates.
-        ca: PathBuf,
-        /// Client certificate.
-        cert: PathBuf,
-        /// Its key.
-        key: PathBuf,
-    },
-}
-
 /// The egress selector (`--egress-selector-config-file`) for traffic to the cluster's nodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Egress {
-    /// Konnectivity's gRPC frontend on a unix socket (Kamaji's setup).
-    GrpcUds(PathBuf),
-    /// Konnectivity's HTTP CONNECT frontend on a unix socket.
-    HttpConnectUds(PathBuf),
-}
-
-impl Egress {
-    fn config(&self) -> String {
-        let (protocol, socket) = match self {
-            Self::GrpcUds(p) => ("GRPC", p),
-            Self::HttpConnectUds(p) => ("HTTPConnect", p),
-        };
-        format!(
-            "apiVersion: apiserver.k8s.io/v1beta1\n\
-             kind: EgressSelectorConfiguration\n\
-             egressSelections:\n\
-             - name: cluster\n  \
-               connection:\n    \
-                 proxyProtocol: {protocol}\n    \
-                 transport:\n      \
-                   uds:\n        \
-                     udsName: {}\n",
-            socket.display()
-        )
-    }
-}
+pub use kmetal_runtime::flags::Egress;
+/// How the api-server authenticates to etcd (the runtime's type: tests start api-servers
+/// with the flags kmetal runs tenants with).
+pub use kmetal_runtime::flags::EtcdTls as EtcdClientTls;
 
 /// How to start a kube-apiserver.
 #[derive(Debug, Clone)]
@@ -167,30 +124,6 @@ pub const SYSTEM_NAMESPACES: [&str; 4] =
 /// 10-20 s to install its storage and post-start hooks.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The tenant's files on disk, shared by the components started from them.
-#[derive(Debug)]
-struct TenantFiles {
-    dir: PathBuf,
-    bundle: Bundle,
-}
-
-impl TenantFiles {
-    fn path(&self, rel: &'static str) -> Result<PathBuf, KubeError> {
-        self.bundle
-            .get(rel)
-            .map(|_| self.dir.join(rel))
-            .ok_or(KubeError::MissingFile(rel))
-    }
-
-    fn flag(&self, name: &str, rel: &'static str) -> Result<String, KubeError> {
-        Ok(format!("--{name}={}", self.path(rel)?.display()))
-    }
-
-    fn pem(&self, rel: &'static str) -> Result<&str, KubeError> {
-        self.bundle.get(rel).ok_or(KubeError::MissingFile(rel))
-    }
-}
-
 /// A running kube-apiserver, killed on drop.
 #[derive(Debug)]
 pub struct KubeApiserver {
@@ -199,7 +132,7 @@ pub struct KubeApiserver {
     args: Vec<String>,
     port: u16,
     log: PathBuf,
-    files: TenantFiles,
+    files: TenantLayout,
     // Dropped last: the process and the files live in it.
     _dir: TempDir,
 }
@@ -221,11 +154,7 @@ impl KubeApiserver {
                 (tenant_bundle("kmetal-test", port)?, port)
             }
         };
-        bundle.write_dir(dir.path())?;
-        let files = TenantFiles {
-            dir: dir.path().to_owned(),
-            bundle,
-        };
+        let files = TenantLayout::write(dir.path(), bundle)?;
         let args = apiserver_args(&files, port, &options, dir.path())?;
         let mut api = Self {
             process: None,
@@ -315,17 +244,17 @@ impl KubeApiserver {
 
     /// The tenant's folder (kubeadm's layout: `pki/…`, `*.conf`).
     pub fn dir(&self) -> &Path {
-        &self.files.dir
+        self.files.dir()
     }
 
     /// The bundle it serves with.
     pub fn bundle(&self) -> &Bundle {
-        &self.files.bundle
+        self.files.bundle()
     }
 
     /// `admin.conf`: kubeadm's admin (group `kubeadm:cluster-admins`, bound to cluster-admin).
     pub fn admin_kubeconfig(&self) -> PathBuf {
-        self.files.dir.join("admin.conf")
+        self.files.dir().join("admin.conf")
     }
 
     /// Waits (the api-server's system-namespaces controller runs right after `/readyz`)
@@ -414,78 +343,46 @@ pub fn tenant_bundle(tenant: &str, port: u16) -> Result<Bundle, KubeError> {
     Ok(Bundle::generate(&spec)?)
 }
 
-/// kube-apiserver's flags as kubeadm writes them into its static pod, on loopback.
+/// kube-apiserver's flags: the runtime's recipe on loopback, then the test's options.
 fn apiserver_args(
-    files: &TenantFiles,
+    files: &TenantLayout,
     port: u16,
     o: &ApiserverOptions,
     dir: &Path,
 ) -> Result<Vec<String>, KubeError> {
-    let spec_cidr = kmetal_core::tenant::DEFAULT_SERVICE_CIDR;
-    let mut args = vec![
-        "--advertise-address=127.0.0.1".to_string(),
-        "--bind-address=127.0.0.1".to_string(),
-        format!("--secure-port={port}"),
-        format!("--cert-dir={}", dir.join("serving").display()),
-        "--allow-privileged=true".into(),
-        "--authorization-mode=Node,RBAC".into(),
-        "--enable-admission-plugins=NodeRestriction".into(),
-        "--enable-bootstrap-token-auth=true".into(),
-        files.flag("client-ca-file", "pki/ca.crt")?,
-        files.flag("tls-cert-file", "pki/apiserver.crt")?,
-        files.flag("tls-private-key-file", "pki/apiserver.key")?,
-        files.flag(
-            "kubelet-client-certificate",
-            "pki/apiserver-kubelet-client.crt",
-        )?,
-        files.flag("kubelet-client-key", "pki/apiserver-kubelet-client.key")?,
-        "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname".into(),
-        files.flag("proxy-client-cert-file", "pki/front-proxy-client.crt")?,
-        files.flag("proxy-client-key-file", "pki/front-proxy-client.key")?,
-        files.flag("requestheader-client-ca-file", "pki/front-proxy-ca.crt")?,
-        "--requestheader-allowed-names=front-proxy-client".into(),
-        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-        "--requestheader-group-headers=X-Remote-Group".into(),
-        "--requestheader-username-headers=X-Remote-User".into(),
-        files.flag("service-account-key-file", "pki/sa.pub")?,
-        files.flag("service-account-signing-key-file", "pki/sa.key")?,
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-        format!("--service-cluster-ip-range={spec_cidr}"),
-        format!("--etcd-servers={}", o.etcd_servers.join(",")),
-    ];
-    match &o.etcd_tls {
-        EtcdClientTls::None => {}
-        EtcdClientTls::Bundle => {
-            args.push(files.flag("etcd-cafile", "pki/etcd/ca.crt")?);
-            args.push(files.flag("etcd-certfile", "pki/apiserver-etcd-client.crt")?);
-            args.push(files.flag("etcd-keyfile", "pki/apiserver-etcd-client.key")?);
-        }
-        EtcdClientTls::Files { ca, cert, key } => {
-            args.push(format!("--etcd-cafile={}", ca.display()));
-            args.push(format!("--etcd-certfile={}", cert.display()));
-            args.push(format!("--etcd-keyfile={}", key.display()));
-        }
-    }
-    if let Some(prefix) = &o.etcd_prefix {
-        args.push(format!("--etcd-prefix={prefix}"));
-    }
+    let egress = o
+        .egress
+        .as_ref()
+        .map(|e| files.write_egress(e))
+        .transpose()?;
+    let etcd = EtcdClient {
+        servers: o.etcd_servers.clone(),
+        tls: o.etcd_tls.clone(),
+        prefix: o.etcd_prefix.clone(),
+    };
+    let cert_dir = dir.join("serving");
+    let mut flags = flags::apiserver(&ApiserverInputs {
+        layout: files,
+        bind: (Ipv4Addr::LOCALHOST, port).into(),
+        advertise: Ipv4Addr::LOCALHOST.into(),
+        service_cidr: kmetal_core::tenant::DEFAULT_SERVICE_CIDR,
+        cluster_domain: kmetal_core::tenant::DEFAULT_CLUSTER_DOMAIN,
+        admission_plugins: &[],
+        kubelet_address_types: &[],
+        etcd: &etcd,
+        egress_file: egress.as_deref(),
+        cert_dir: &cert_dir,
+    })?;
     if !o.etcd_servers_overrides.is_empty() {
-        args.push(format!(
-            "--etcd-servers-overrides={}",
-            o.etcd_servers_overrides.join(",")
-        ));
+        flags.set("etcd-servers-overrides", o.etcd_servers_overrides.join(","));
     }
     if let Some(every) = o.compaction_interval {
-        args.push(format!(
-            "--etcd-compaction-interval={}ms",
-            every.as_millis()
-        ));
+        flags.set(
+            "etcd-compaction-interval",
+            format!("{}ms", every.as_millis()),
+        );
     }
-    if let Some(egress) = &o.egress {
-        let path = dir.join("egress-selector.yaml");
-        std::fs::write(&path, egress.config()).map_err(KubeError::Io)?;
-        args.push(format!("--egress-selector-config-file={}", path.display()));
-    }
+    let mut args = flags.to_args();
     args.extend(o.extra_args.iter().cloned());
     Ok(args)
 }
@@ -505,13 +402,6 @@ impl Controller {
         match self {
             Self::ControllerManager => "kube-controller-manager",
             Self::Scheduler => "kube-scheduler",
-        }
-    }
-
-    fn kubeconfig(self) -> &'static str {
-        match self {
-            Self::ControllerManager => "controller-manager.conf",
-            Self::Scheduler => "scheduler.conf",
         }
     }
 
@@ -545,35 +435,19 @@ impl KubeController {
             .tempdir()
             .map_err(KubeError::Io)?;
         let port = free_port().map_err(KubeError::Io)?;
-        let files = &api.files;
-        let kubeconfig = files.path(kind.kubeconfig())?;
-        let mut args = vec![
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--authentication-kubeconfig={}", kubeconfig.display()),
-            format!("--authorization-kubeconfig={}", kubeconfig.display()),
-            "--bind-address=127.0.0.1".to_string(),
-            format!("--secure-port={port}"),
-            "--leader-elect=true".into(),
-        ];
-        if kind == Controller::ControllerManager {
-            args.extend([
-                format!("--cert-dir={}", dir.path().display()),
-                files.flag("client-ca-file", "pki/ca.crt")?,
-                files.flag("requestheader-client-ca-file", "pki/front-proxy-ca.crt")?,
-                files.flag("cluster-signing-cert-file", "pki/ca.crt")?,
-                files.flag("cluster-signing-key-file", "pki/ca.key")?,
-                files.flag("root-ca-file", "pki/ca.crt")?,
-                files.flag("service-account-private-key-file", "pki/sa.key")?,
-                "--use-service-account-credentials=true".into(),
-                "--controllers=*,bootstrapsigner,tokencleaner".into(),
-                format!(
-                    "--service-cluster-ip-range={}",
-                    kmetal_core::tenant::DEFAULT_SERVICE_CIDR
-                ),
-            ]);
-        } else {
-            args.push(format!("--cert-dir={}", dir.path().display()));
-        }
+        let component = match kind {
+            Controller::ControllerManager => Component::ControllerManager,
+            Controller::Scheduler => Component::Scheduler,
+        };
+        let mut args = flags::controller(
+            component,
+            &api.files,
+            (Ipv4Addr::LOCALHOST, port).into(),
+            kmetal_core::tenant::DEFAULT_SERVICE_CIDR,
+            None,
+            dir.path(),
+        )?
+        .to_args();
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let log = dir.path().join(format!("{}.log", kind.binary()));
         let mut cmd = process::command(&binary, &Launch::default());

@@ -19,7 +19,8 @@
 //!   Konnectivity with an mTLS agent link.
 //! - [`k8s_storage`]: Kubernetes' own storage tests (k8s.io/apiserver's etcd3 store and watch
 //!   cache), built by `scripts/peers.sh`, run against backends a test hands out.
-//! - [`http`]: a small HTTP/1.1 client (plain or rustls) for the peers' health endpoints.
+//! - [`http`]: kmetal-runtime's small HTTP/1.1 client (plain or rustls), re-exported for the
+//!   peers' health endpoints and for load.
 //! - [`proxy`]: [`FaultProxy`]: a TCP proxy with one-way latency per direction, cut modes
 //!   (hang or reset) and byte counters.
 //! - [`netns`]: [`Netns`]: a worker host in its own network namespace, joined by a veth
@@ -30,7 +31,6 @@
 
 pub mod conformance;
 pub mod etcd;
-pub mod http;
 pub mod k8s_storage;
 pub mod kine;
 pub mod konnectivity;
@@ -41,6 +41,9 @@ pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod tls;
+
+/// kmetal-runtime's HTTP/1.1 client (the runtime probes the api-servers with it).
+pub use kmetal_runtime::http;
 
 pub use etcd::{EtcdCluster, EtcdOptions, EtcdRelease};
 pub use kine::{Kine, KineBackend};

@@ -1,8 +1,8 @@
-//! A small HTTP/1.1 client for the real peers: over plain TCP or rustls, with the tenant's CA
-//! and client certificate.
+//! A small HTTP/1.1 client for the control-plane components: over plain TCP or rustls, with the
+//! tenant's CA and client certificate.
 //!
 //! - [`Client`] (here): one request per connection (`Connection: close`), for health checks
-//!   and an object or two; the tests themselves talk to the api-server through kubectl.
+//!   and an object or two (the runtime's `/readyz` and Lease probes).
 //! - [`Session`] (`session.rs`): a kept-alive connection for load (benchmarks send thousands
 //!   of requests, as client-go does over connections it keeps), and [`Lines`], a streamed
 //!   body read line by line (a watch).

@@ -1,0 +1,121 @@
+//! A tenant's folder under the runtime's state dir: the PKI bundle in kubeadm's layout
+//! (`pki/…`, `*.conf`), the egress selector file, and per component and replica a log, a
+//! pid file and a scratch `--cert-dir`.
+
+use std::path::{Path, PathBuf};
+
+use kmetal_pki::Bundle;
+
+use crate::Component;
+use crate::flags::Egress;
+
+/// Why a tenant's files could not be written or are incomplete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    /// The bundle has no file a component needs.
+    #[error("the tenant bundle has no {0}")]
+    MissingFile(&'static str),
+    /// Writing the bundle failed.
+    #[error("cannot write the tenant bundle")]
+    Pki(#[source] Box<kmetal_pki::PkiError>),
+    /// Creating a folder or writing a file failed.
+    #[error("i/o at {}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One replica of one component: `kube-apiserver-0`, `kube-scheduler-0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaId {
+    /// The component.
+    pub component: Component,
+    /// Its index.
+    pub index: usize,
+}
+
+impl std::fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.component, self.index)
+    }
+}
+
+/// A tenant's files on disk.
+#[derive(Debug, Clone)]
+pub struct TenantLayout {
+    dir: PathBuf,
+    bundle: Bundle,
+}
+
+impl TenantLayout {
+    /// Writes `bundle` into `dir` (created if needed), replacing what was there.
+    pub fn write(dir: impl Into<PathBuf>, bundle: Bundle) -> Result<Self, LayoutError> {
+        let dir = dir.into();
+        for sub in ["logs", "run"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| LayoutError::Io { path, source })?;
+        }
+        bundle
+            .write_dir(&dir)
+            .map_err(|e| LayoutError::Pki(Box::new(e)))?;
+        Ok(Self { dir, bundle })
+    }
+
+    /// The tenant's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bundle the files hold.
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// The path of a bundle file (`pki/ca.crt`, `admin.conf`), if the bundle has it.
+    pub fn file(&self, rel: &'static str) -> Result<PathBuf, LayoutError> {
+        self.bundle
+            .get(rel)
+            .map(|_| self.dir.join(rel))
+            .ok_or(LayoutError::MissingFile(rel))
+    }
+
+    /// The text of a bundle file.
+    pub fn pem(&self, rel: &'static str) -> Result<&str, LayoutError> {
+        self.bundle.get(rel).ok_or(LayoutError::MissingFile(rel))
+    }
+
+    /// Writes the egress selector configuration and returns its path.
+    pub fn write_egress(&self, egress: &Egress) -> Result<PathBuf, LayoutError> {
+        let path = self.dir.join("egress-selector.yaml");
+        std::fs::write(&path, egress.config()).map_err(|source| LayoutError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// `logs/<replica>.log`: the replica's stdout and stderr, across restarts.
+    pub fn log(&self, replica: ReplicaId) -> PathBuf {
+        self.dir.join("logs").join(format!("{replica}.log"))
+    }
+
+    /// `run/<replica>.pid`: the running process, for adoption after a runtime restart.
+    pub fn pidfile(&self, replica: ReplicaId) -> PathBuf {
+        self.dir.join("run").join(format!("{replica}.pid"))
+    }
+
+    /// `run/<replica>/`: the replica's `--cert-dir`, created.
+    pub fn scratch(&self, replica: ReplicaId) -> Result<PathBuf, LayoutError> {
+        let path = self.dir.join("run").join(replica.to_string());
+        std::fs::create_dir_all(&path).map_err(|source| LayoutError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}

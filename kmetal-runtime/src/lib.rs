@@ -1,0 +1,44 @@
+//! Runs tenant control planes: kube-apiserver replicas, kube-controller-manager and
+//! kube-scheduler for each TenantControlPlane, started from the tenant's PKI bundle with the
+//! flags Kamaji gives them, supervised, and judged Ready only when they answer.
+//!
+//! # Layout
+//! - [`runtime`]: the [`ControlPlaneRuntime`] trait (ensure, status, remove, shutdown), the
+//!   [`ControlPlanePlan`] a runtime runs and the [`ControlPlaneStatus`] it reports, so a
+//!   Kubernetes Deployment runtime can take the process runtime's place.
+//! - [`plan`]: building a [`ControlPlanePlan`] from a `TenantControlPlane` (version,
+//!   replicas, service address, network settings, `extraArgs`).
+//! - [`process`]: [`ProcessRuntime`], the runtime that runs components as local processes
+//!   (the stand-in for the under cluster's pods), each tenant behind its own [`Front`].
+//! - [`catalog`]: [`Catalog`], which Kubernetes versions have binaries, found by asking them.
+//! - [`flags`]: the components' command lines, Kamaji's recipe, with the user's `extraArgs`
+//!   winning flag by flag.
+//! - [`layout`]: a tenant's folder: the PKI bundle in kubeadm's layout, per-replica logs,
+//!   the egress selector file.
+//! - [`supervisor`]: [`Supervisor`]: one process, restarted with backoff, its state watched,
+//!   adopted again after the runtime itself was killed.
+//! - [`front`]: [`Front`]: the tenant's Service address, forwarding connections to the
+//!   replicas that are ready.
+//! - [`probe`]: `/readyz` of one replica and the holder of a Lease.
+//! - [`http`]: a small HTTP/1.1 client (plain or rustls) the probes use.
+
+pub mod catalog;
+pub mod flags;
+pub mod front;
+pub mod http;
+pub mod layout;
+pub mod plan;
+pub mod probe;
+pub mod process;
+pub mod runtime;
+pub mod supervisor;
+
+pub use catalog::{Catalog, CatalogError, Component};
+pub use flags::{Egress, EtcdClient, EtcdTls};
+pub use front::Front;
+pub use plan::{ControlPlanePlan, PlanError};
+pub use process::{ProcessRuntime, ProcessRuntimeConfig};
+pub use runtime::{
+    ControlPlaneRuntime, ControlPlaneStatus, ReplicaState, ReplicaStatus, RuntimeError, TenantId,
+};
+pub use supervisor::{Backoff, ProcessSpec, ProcessState, Supervisor};

@@ -1,0 +1,504 @@
+//! [`ProcessRuntime`]: each tenant's components as supervised local processes (the stand-in
+//! for the under cluster's pods), each api-server replica on a loopback port of its own and
+//! the tenant's Service address served by a [`Front`] that forwards to the ready ones.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Mutex, broadcast};
+use tokio::task::JoinSet;
+
+use crate::catalog::{Catalog, Component};
+use crate::flags::{self, ApiserverInputs, Flags};
+use crate::front::Front;
+use crate::http::Client;
+use crate::layout::{ReplicaId, TenantLayout};
+use crate::plan::ControlPlanePlan;
+use crate::probe::{self, ProbeError};
+use crate::runtime::{
+    ControlPlaneRuntime, ControlPlaneStatus, ReplicaState, ReplicaStatus, RuntimeError, TenantId,
+};
+use crate::supervisor::{Backoff, ProcessSpec, ProcessState, Supervisor};
+
+/// How the process runtime runs.
+#[derive(Debug, Clone)]
+pub struct ProcessRuntimeConfig {
+    /// Where each tenant's folder goes (`<state_dir>/<namespace>/<name>/`).
+    pub state_dir: PathBuf,
+    /// The binaries by version.
+    pub catalog: Catalog,
+    /// Restart delays.
+    pub backoff: Backoff,
+    /// How long one probe may take.
+    pub probe_timeout: Duration,
+    /// SIGTERM to SIGKILL on stop.
+    pub stop_grace: Duration,
+}
+
+impl ProcessRuntimeConfig {
+    /// Defaults: kubelet-like backoff, 3 s probes, 10 s grace.
+    pub fn new(state_dir: impl Into<PathBuf>, catalog: Catalog) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            catalog,
+            backoff: Backoff::default(),
+            probe_timeout: Duration::from_secs(3),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One replica and the command line it was started with.
+struct Replica {
+    id: ReplicaId,
+    addr: SocketAddr,
+    spec: ProcessSpec,
+    supervisor: Supervisor,
+}
+
+/// What runs for one tenant.
+struct Tenant {
+    layout: TenantLayout,
+    front: Front,
+    replicas: Vec<Replica>,
+    /// kubeadm's `kubeadm:cluster-admins` binding exists (admin.conf is an admin).
+    bootstrapped: bool,
+    status: Option<ControlPlaneStatus>,
+    watcher: JoinSet<()>,
+}
+
+/// Runs tenant control planes as local processes.
+pub struct ProcessRuntime {
+    config: ProcessRuntimeConfig,
+    tenants: Mutex<HashMap<TenantId, Tenant>>,
+    changes: broadcast::Sender<TenantId>,
+}
+
+impl std::fmt::Debug for ProcessRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessRuntime")
+            .field("state_dir", &self.config.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessRuntime {
+    /// A runtime with no tenants yet.
+    pub fn new(config: ProcessRuntimeConfig) -> Self {
+        Self {
+            config,
+            tenants: Mutex::default(),
+            changes: broadcast::channel(256).0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ProcessRuntimeConfig {
+        &self.config
+    }
+
+    /// The tenant's folder (logs under `logs/`).
+    pub fn tenant_dir(&self, tenant: &TenantId) -> PathBuf {
+        self.config
+            .state_dir
+            .join(&tenant.namespace)
+            .join(&tenant.name)
+    }
+
+    /// Kills one replica's process (SIGKILL) the way a crash would, for tests and drills;
+    /// its supervisor starts it again after the backoff. Returns the pid killed.
+    pub async fn kill_replica(&self, tenant: &TenantId, replica: ReplicaId) -> Option<u32> {
+        let tenants = self.tenants.lock().await;
+        let r = tenants
+            .get(tenant)?
+            .replicas
+            .iter()
+            .find(|r| r.id == replica)?;
+        let pid = r.supervisor.state().pid()?;
+        let pid_raw = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)?;
+        rustix::process::kill_process(pid_raw, rustix::process::Signal::KILL).ok()?;
+        Some(pid)
+    }
+
+    fn command_line(
+        &self,
+        plan: &ControlPlanePlan,
+        layout: &TenantLayout,
+        id: ReplicaId,
+        addr: SocketAddr,
+    ) -> Result<ProcessSpec, RuntimeError> {
+        let binary = self.config.catalog.binary(id.component, &plan.version)?;
+        let cert_dir = layout.scratch(id)?;
+        let mut flags: Flags = match id.component {
+            Component::ApiServer => {
+                let egress = plan
+                    .egress
+                    .as_ref()
+                    .map(|e| layout.write_egress(e))
+                    .transpose()?;
+                flags::apiserver(&ApiserverInputs {
+                    layout,
+                    bind: addr,
+                    advertise: plan.advertise,
+                    service_cidr: &plan.service_cidr,
+                    cluster_domain: &plan.cluster_domain,
+                    admission_plugins: &plan.admission_plugins,
+                    kubelet_address_types: &plan.kubelet_address_types,
+                    etcd: &plan.etcd,
+                    egress_file: egress.as_deref(),
+                    cert_dir: &cert_dir,
+                })?
+            }
+            c => flags::controller(
+                c,
+                layout,
+                addr,
+                &plan.service_cidr,
+                plan.pod_cidr.as_deref(),
+                &cert_dir,
+            )?,
+        };
+        flags
+            .apply_extra(plan.extra(id.component))
+            .map_err(|source| RuntimeError::Flags {
+                component: id.component,
+                source,
+            })?;
+        Ok(ProcessSpec {
+            binary,
+            args: flags.to_args(),
+            log: layout.log(id),
+            pidfile: Some(layout.pidfile(id)),
+        })
+    }
+
+    /// The replica's own address: the one it had (kept in `run/<replica>.addr`, so a restarted
+    /// runtime builds the same command line and adopts the process), or a free loopback port.
+    fn replica_addr(layout: &TenantLayout, id: ReplicaId) -> Result<SocketAddr, RuntimeError> {
+        let file = layout.dir().join("run").join(format!("{id}.addr"));
+        if let Some(addr) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return Ok(addr);
+        }
+        let port_err = |source| RuntimeError::Port {
+            replica: id,
+            source,
+        };
+        let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(port_err)?;
+        std::fs::write(&file, addr.to_string()).map_err(port_err)?;
+        Ok(addr)
+    }
+
+    /// One task per replica, each telling [`changes`](ControlPlaneRuntime::changes) when
+    /// its process changes state; dropping the set stops them.
+    fn watch_replicas(&self, tenant: &TenantId, replicas: &[Replica]) -> JoinSet<()> {
+        let mut set = JoinSet::new();
+        for r in replicas {
+            let mut w = r.supervisor.watch();
+            let changes = self.changes.clone();
+            let tenant = tenant.clone();
+            set.spawn(async move {
+                while w.changed().await.is_ok() {
+                    let _ = changes.send(tenant.clone());
+                }
+            });
+        }
+        set
+    }
+
+    async fn start_tenant(&self, plan: &ControlPlanePlan) -> Result<Tenant, RuntimeError> {
+        let layout = TenantLayout::write(self.tenant_dir(&plan.tenant), plan.bundle.clone())?;
+        let front = Front::bind(plan.endpoint)
+            .await
+            .map_err(|source| RuntimeError::Listen {
+                addr: plan.endpoint,
+                source,
+            })?;
+        let mut replicas = Vec::new();
+        for id in replica_ids(plan.replicas) {
+            let addr = Self::replica_addr(&layout, id)?;
+            let spec = self.command_line(plan, &layout, id, addr)?;
+            let supervisor = Supervisor::start(spec.clone(), self.config.backoff);
+            replicas.push(Replica {
+                id,
+                addr,
+                spec,
+                supervisor,
+            });
+        }
+        let watcher = self.watch_replicas(&plan.tenant, &replicas);
+        Ok(Tenant {
+            layout,
+            front,
+            replicas,
+            bootstrapped: false,
+            status: None,
+            watcher,
+        })
+    }
+
+    /// Moves a running tenant one step toward `plan`: new files, added or removed replicas,
+    /// and at most one replica replaced, only while all the others are ready.
+    async fn update_tenant(
+        &self,
+        t: &mut Tenant,
+        plan: &ControlPlanePlan,
+    ) -> Result<(), RuntimeError> {
+        if t.layout.bundle() != &plan.bundle {
+            t.layout = TenantLayout::write(t.layout.dir(), plan.bundle.clone())?;
+        }
+        let want = replica_ids(plan.replicas);
+        let mut changed = false;
+        let (keep, gone): (Vec<Replica>, Vec<Replica>) = std::mem::take(&mut t.replicas)
+            .into_iter()
+            .partition(|r| want.contains(&r.id));
+        for r in gone {
+            changed = true;
+            r.supervisor.stop(self.config.stop_grace).await;
+            let _ = std::fs::remove_file(t.layout.dir().join("run").join(format!("{}.addr", r.id)));
+        }
+        t.replicas = keep;
+        for id in &want {
+            if t.replicas.iter().any(|r| r.id == *id) {
+                continue;
+            }
+            changed = true;
+            let addr = Self::replica_addr(&t.layout, *id)?;
+            let spec = self.command_line(plan, &t.layout, *id, addr)?;
+            let supervisor = Supervisor::start(spec.clone(), self.config.backoff);
+            t.replicas.push(Replica {
+                id: *id,
+                addr,
+                spec,
+                supervisor,
+            });
+        }
+        t.replicas.sort_by_key(|r| r.id);
+        let all_ready = t.status.as_ref().is_some_and(|s| {
+            s.replicas
+                .iter()
+                .all(|r| matches!(r.state, ReplicaState::Ready))
+        });
+        if all_ready && !changed {
+            for i in 0..t.replicas.len() {
+                let (id, addr) = (t.replicas[i].id, t.replicas[i].addr);
+                let spec = self.command_line(plan, &t.layout, id, addr)?;
+                if spec != t.replicas[i].spec {
+                    tracing::info!(tenant = %plan.tenant, replica = %id, "replacing replica: its command line changed");
+                    // The new process takes the old one's address: stop the old one first.
+                    let old = t.replicas.remove(i);
+                    old.supervisor.stop(self.config.stop_grace).await;
+                    let supervisor = Supervisor::start(spec.clone(), self.config.backoff);
+                    t.replicas.insert(
+                        i,
+                        Replica {
+                            id,
+                            addr,
+                            spec,
+                            supervisor,
+                        },
+                    );
+                    changed = true;
+                    break;
+                }
+            }
+        }
+        if changed {
+            t.watcher = self.watch_replicas(&plan.tenant, &t.replicas);
+        }
+        Ok(())
+    }
+
+    async fn probe(
+        &self,
+        t: &mut Tenant,
+        plan: &ControlPlanePlan,
+    ) -> Result<ControlPlaneStatus, RuntimeError> {
+        let ca = t.layout.pem("pki/ca.crt")?;
+        let identity = identity(&t.layout, "super-admin.conf")?;
+        let timeout = self.config.probe_timeout;
+        let client_for = |addr: SocketAddr| -> Result<Client, RuntimeError> {
+            Ok(Client::tls(
+                addr,
+                &plan.server_name,
+                ca,
+                Some((&identity.0, &identity.1)),
+            )
+            .map_err(RuntimeError::Client)?
+            .with_timeout(timeout))
+        };
+        let mut replicas = Vec::new();
+        let mut ready_apiservers = Vec::new();
+        for r in &t.replicas {
+            let process = r.supervisor.state();
+            let state = match &process {
+                ProcessState::Starting => ReplicaState::Starting,
+                ProcessState::Stopped => ReplicaState::Stopped,
+                ProcessState::Exited { .. } | ProcessState::SpawnFailed { .. } => {
+                    ReplicaState::Restarting {
+                        reason: process.to_string(),
+                    }
+                }
+                ProcessState::Running { .. } if r.id.component == Component::ApiServer => {
+                    match probe::readyz(&client_for(r.addr)?).await {
+                        Ok(()) => {
+                            ready_apiservers.push(r.addr);
+                            ReplicaState::Ready
+                        }
+                        Err(e) => ReplicaState::NotReady(Arc::new(e)),
+                    }
+                }
+                ProcessState::Running { .. } => ReplicaState::Ready,
+            };
+            replicas.push(ReplicaStatus {
+                replica: r.id,
+                state,
+                restarts: process.restarts(),
+                address: r.addr,
+                pid: process.pid(),
+            });
+        }
+        t.front.set_backends(ready_apiservers.clone());
+        let mut leases = Vec::new();
+        if let Some(addr) = ready_apiservers.first() {
+            let client = client_for(*addr)?;
+            if !t.bootstrapped {
+                t.bootstrapped = bind_cluster_admins(&client).await.is_ok();
+            }
+            for c in [Component::ControllerManager, Component::Scheduler] {
+                let holder = match probe::lease(&client, "kube-system", c.binary()).await {
+                    Ok(Some(l)) if l.is_current(SystemTime::now()) => Some(l.holder),
+                    _ => None,
+                };
+                leases.push((c, holder));
+            }
+        } else {
+            leases = vec![
+                (Component::ControllerManager, None),
+                (Component::Scheduler, None),
+            ];
+        }
+        Ok(ControlPlaneStatus {
+            version: plan.version.clone(),
+            endpoint: t.front.addr(),
+            replicas,
+            leases,
+        })
+    }
+}
+
+/// Each api-server with its controller-manager and scheduler, replica by replica.
+fn replica_ids(replicas: usize) -> Vec<ReplicaId> {
+    let mut ids: Vec<ReplicaId> = (0..replicas)
+        .flat_map(|index| {
+            Component::ALL
+                .into_iter()
+                .map(move |component| ReplicaId { component, index })
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The client certificate and key of one of the bundle's kubeconfigs.
+fn identity(
+    layout: &TenantLayout,
+    kubeconfig: &'static str,
+) -> Result<(String, String), RuntimeError> {
+    let text = layout.pem(kubeconfig)?;
+    let parts = kmetal_pki::bundle::parse_kubeconfig(kubeconfig, text).map_err(|e| {
+        RuntimeError::Kubeconfig {
+            kubeconfig,
+            source: Box::new(e),
+        }
+    })?;
+    Ok((parts.cert_pem, parts.key_pem))
+}
+
+/// kubeadm's `kubeadm:cluster-admins` binding (what makes `admin.conf` an admin), as
+/// `kubeadm init` creates it.
+async fn bind_cluster_admins(client: &Client) -> Result<(), ProbeError> {
+    let body = br#"{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding",
+        "metadata":{"name":"kubeadm:cluster-admins"},
+        "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"cluster-admin"},
+        "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"kubeadm:cluster-admins"}]}"#;
+    let r = client
+        .request(
+            "POST",
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+            Some(body),
+        )
+        .await?;
+    match r.status {
+        201 | 409 => Ok(()),
+        status => Err(ProbeError::NotOk {
+            status,
+            body: r.text(),
+        }),
+    }
+}
+
+#[async_trait::async_trait]
+impl ControlPlaneRuntime for ProcessRuntime {
+    async fn ensure(&self, plan: &ControlPlanePlan) -> Result<ControlPlaneStatus, RuntimeError> {
+        // Refuse a version without binaries before touching what runs.
+        for c in Component::ALL {
+            self.config.catalog.binary(c, &plan.version)?;
+        }
+        let mut tenants = self.tenants.lock().await;
+        let t = match tenants.entry(plan.tenant.clone()) {
+            Entry::Occupied(e) => {
+                let t = e.into_mut();
+                self.update_tenant(t, plan).await?;
+                t
+            }
+            Entry::Vacant(v) => v.insert(self.start_tenant(plan).await?),
+        };
+        let status = self.probe(t, plan).await?;
+        t.status = Some(status.clone());
+        Ok(status)
+    }
+
+    async fn status(&self, tenant: &TenantId) -> Option<ControlPlaneStatus> {
+        self.tenants.lock().await.get(tenant)?.status.clone()
+    }
+
+    async fn remove(&self, tenant: &TenantId) {
+        let t = self.tenants.lock().await.remove(tenant);
+        if let Some(mut t) = t {
+            for r in std::mem::take(&mut t.replicas) {
+                r.supervisor.stop(self.config.stop_grace).await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.tenant_dir(tenant));
+    }
+
+    async fn shutdown(&self) {
+        let all: Vec<Tenant> = self.tenants.lock().await.drain().map(|(_, t)| t).collect();
+        let grace = self.config.stop_grace;
+        let stops = all.into_iter().flat_map(|mut t| {
+            std::mem::take(&mut t.replicas)
+                .into_iter()
+                .map(move |r| r.supervisor.stop(grace))
+        });
+        let mut set = tokio::task::JoinSet::new();
+        for stop in stops {
+            set.spawn(stop);
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    fn changes(&self) -> broadcast::Receiver<TenantId> {
+        self.changes.subscribe()
+    }
+}
