@@ -7,6 +7,8 @@
 //! - [`topology`] (`kmetal-topology`): failure domains, quorum, Raft latency, placement.
 //! - [`pki`] (`kmetal-pki`): per-tenant certificate authorities and kubeconfigs.
 //! - [`tunnel`] (`kmetal-tunnel`): the Konnectivity-compatible reverse tunnel.
+//! - [`runtime`] (`kmetal-runtime`): runs tenant control planes (kube-apiserver,
+//!   controller-manager, scheduler) and judges them Ready when they answer.
 //!
 //! - [`Report`]: an error with its whole cause chain on one line, for programs that print
 //!   errors (each error type shows its own step only; its cause is its `source()`).
@@ -17,6 +19,7 @@
 pub use kmetal_core as core;
 pub use kmetal_datastore as datastore;
 pub use kmetal_pki as pki;
+pub use kmetal_runtime as runtime;
 pub use kmetal_topology as topology;
 pub use kmetal_tunnel as tunnel;
 

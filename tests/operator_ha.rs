@@ -6,65 +6,23 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kmetal_testkit::ports::free_port;
 use kmetal_testkit::{PostgresOptions, PostgresServer};
 use serde_json::Value;
 
-struct Op(Child);
+use common::operator::{Op, apply, ready, tenants, wait_until};
 
-impl Drop for Op {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// The operator on `state`; `run` without a control-plane runtime (these tests are about
+/// leadership and the store; tests/operator_control_plane.rs runs real control planes).
 fn operator(state: &str, args: &[&str]) -> Command {
-    let mut c = common::example("operator");
-    c.args(args).arg("--state").arg(state);
-    c
-}
-
-fn apply(state: &str, dir: &std::path::Path, name: &str, yaml: &str) {
-    let file = dir.join(name);
-    std::fs::write(&file, yaml).expect("manifest");
-    let out = operator(state, &["apply", "-f", file.to_str().expect("utf-8")])
-        .output()
-        .expect("apply");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn tenants(state: &str) -> Vec<Value> {
-    let out = operator(state, &["get", "tcp", "-o", "json"])
-        .output()
-        .expect("get");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v["items"].as_array().cloned().unwrap_or_default()
-}
-
-fn ready(t: &Value) -> bool {
-    t["status"]["conditions"].as_array().is_some_and(|c| {
-        c.iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-    })
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let mut c = common::operator::operator(state, args);
+    if args.first() == Some(&"run") {
+        c.args(["--runtime", "none"]);
     }
-    f()
+    c
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -196,7 +154,7 @@ async fn one_leader_per_region_and_failover() {
     }
 
     // Kill the leader without a chance to hand over; the standby takes over within the TTL.
-    drop(leader);
+    leader.kill();
     apply(&state, dir.path(), "t9.yaml", &tenant_yaml("t9", &slices));
     assert!(
         tokio::task::block_in_place(|| wait_until(Duration::from_secs(60), || all_ready(5))),
@@ -231,7 +189,7 @@ fn killed_mid_reconcile_then_restarted_converges() {
     while reconciles_in(&log) == 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(5));
     }
-    drop(op);
+    op.kill();
     let done = tenants(&state).iter().filter(|t| ready(t)).count();
     assert!(done < 300, "killed mid-way ({done} ready)");
     let out = operator(
@@ -520,7 +478,7 @@ async fn tenants_keep_serving_through_a_standby_while_the_leader_is_down() {
     let _standby = controller(&state, dir.path(), &out, "standby");
     let mgmt = management(&state).await;
     let standby_runtime = wait_runtimes(&mgmt, "kept", 2).await["standby"].clone();
-    drop(leader);
+    leader.kill();
 
     let api = tenant_api(
         &out.join("kept/pki"),

@@ -3,7 +3,8 @@
 //! replicas, a provisioned datastore slice, a PKI, a Konnectivity server and a status.
 //!
 //! ```text
-//! operator                                    # demo: bundled manifests + topology → Ready
+//! operator                                    # demo: bundled tenants with real control planes
+//! operator demo [--exit]                      # the same; --exit: stop once they are checked
 //! operator apply -f FILE [-f FILE ...]       [--state URL]
 //! operator get [KIND[/NAME]] [-n NS] [-o json|yaml]
 //! operator delete KIND/NAME [-n NS]
@@ -21,6 +22,7 @@ macro_rules! out {
     }};
 }
 
+mod control_plane;
 mod drivers;
 mod leader;
 mod lifecycle;
@@ -106,6 +108,14 @@ enum Command {
     },
     /// Watch the management store and reconcile.
     Run(run::RunArgs),
+    /// The demo (what `operator` with no arguments runs): bundled tenants with real control
+    /// planes, served until Ctrl-C.
+    Demo {
+        /// Stop the control planes and exit once every tenant was checked, instead of
+        /// serving them until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
 }
 
 /// Worst outcome over all files: 0 ok, 1 invalid object, 2 unreadable/unparsable file.
@@ -367,7 +377,8 @@ fn main() -> ExitCode {
                 state,
             }) => delete(what, namespace, state).await,
             Some(Command::Run(args)) => run::run(args).await,
-            None => run::demo().await,
+            None => run::demo(false).await,
+            Some(Command::Demo { exit }) => run::demo(exit).await,
         }
     });
     match result {

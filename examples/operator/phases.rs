@@ -1,5 +1,6 @@
 //! The phases of one reconcile pass, in order: validate → place → datastore → certificates
-//! → endpoint → migration → Konnectivity → version → ready. Each phase records its condition
+//! → endpoint → migration → Konnectivity → version → control plane (`control_plane.rs`) →
+//! ready. Each phase records its condition
 //! and either hands the next one what it made or halts the pass with the reason.
 
 use std::time::{Duration, SystemTime};
@@ -14,6 +15,10 @@ use kmetal::pki::{Bundle, PkiSpec};
 use crate::drivers::{SliceConfig, datastore_identity};
 use crate::reconcile::{ReconcileError, Reconciler, set_condition, set_phase, write_out};
 use crate::store::{ObjectKey, StoreError, Stored};
+
+/// How a [`Halt::NotReady`] reason ends when work is under way (processes starting), so
+/// loops look again soon instead of backing off or giving up.
+pub(crate) const IN_PROGRESS: &str = "starting";
 
 /// One pass over one tenant: the stored object and the status being built.
 pub(crate) struct Pass<'a> {
@@ -66,7 +71,7 @@ impl Reconciler {
         let target = self.target(p, tcp);
         let slice = self.datastore(p, tcp, &target.name).await?;
         let bundle = self.certificates(p, tcp, &target.name).await?;
-        let live = self.endpoint(p, &bundle, &slice, target.migrating).await?;
+        let (etcd, live) = self.endpoint(p, &bundle, &slice, target.migrating).await?;
         if target.migrating {
             self.migrate(p, tcp, &target, &live, &bundle, &slice)
                 .await?;
@@ -74,7 +79,8 @@ impl Reconciler {
         storage_status(p, &target.name, &slice);
         self.konnectivity(p, &bundle).await?;
         self.version(p, tcp).await?;
-        ready(p, tcp, &bundle);
+        let served = self.control_plane(p, tcp, &bundle, etcd).await?;
+        ready(p, tcp, &bundle, served);
         Ok(())
     }
 
@@ -194,7 +200,7 @@ impl Reconciler {
         bundle: &Bundle,
         slice: &SliceConfig,
         migrating: bool,
-    ) -> Result<std::sync::Arc<MigratableStore>, Halt> {
+    ) -> Result<(std::net::SocketAddr, std::sync::Arc<MigratableStore>), Halt> {
         let serving = match self.slice_config(p.key).await? {
             Some(c) if migrating => c,
             _ => slice.clone(),
@@ -209,7 +215,7 @@ impl Reconciler {
                     "Serving",
                     url,
                 );
-                Ok(live)
+                Ok((addr, live))
             }
             Err(e) => {
                 set_condition(
@@ -372,7 +378,9 @@ fn storage_status(p: &mut Pass<'_>, ds_name: &str, slice: &SliceConfig) {
     };
 }
 
-fn ready(p: &mut Pass<'_>, tcp: &TenantControlPlane, bundle: &Bundle) {
+/// The last phase; `served` says whether this operator runs the control plane (without a
+/// runtime, Ready means provisioned, and the reason says so).
+fn ready(p: &mut Pass<'_>, tcp: &TenantControlPlane, bundle: &Bundle, served: bool) {
     let endpoint = PkiSpec::from_tenant(tcp).map(|s| {
         let (h, port) = s.host_port();
         format!("{h}:{port}")
@@ -384,5 +392,10 @@ fn ready(p: &mut Pass<'_>, tcp: &TenantControlPlane, bundle: &Bundle) {
         Phase::Ready
     };
     set_phase(&mut p.status, phase);
-    set_condition(&mut p.status, "Ready", true, "Ready", String::new());
+    if served {
+        set_condition(&mut p.status, "Ready", true, "Ready", String::new());
+    } else {
+        let why = "provisioned; no control plane runs here (--runtime none)".to_string();
+        set_condition(&mut p.status, "Ready", true, "Provisioned", why);
+    }
 }

@@ -17,6 +17,7 @@ use kmetal::datastore::gateway::{Gateway as DatastoreGateway, GatewayTls};
 use kmetal::datastore::migrate::MigratableStore;
 use kmetal::datastore::provision::{TenantSlice, generate_password};
 use kmetal::pki::{Bundle, PkiSpec, RenewalPolicy};
+use kmetal::runtime::{ControlPlaneRuntime, TenantId};
 use kmetal::topology::model::{Resources, Topology};
 use kmetal::topology::placement::{TenantRequest, place};
 use kmetal::tunnel::{ConnectListener, Server, ServerConfig, tls};
@@ -40,6 +41,8 @@ pub struct Settings {
     pub default_datastore: String,
     /// Renewal policy for tenant certificates.
     pub renewal: RenewalPolicy,
+    /// What runs the tenants' control planes (`None`: nothing here does; see `--runtime`).
+    pub runtime: Option<Arc<dyn ControlPlaneRuntime>>,
 }
 
 /// The result of one reconcile.
@@ -63,6 +66,8 @@ struct Tunnel {
     server: Server,
     agent_addr: SocketAddr,
     connect_uds: PathBuf,
+    /// The gRPC frontend the tenant's api-servers dial (Kamaji's egress mode).
+    grpc_uds: PathBuf,
     ca_fingerprint: String,
     stop: watch::Sender<bool>,
 }
@@ -71,6 +76,7 @@ impl Drop for Tunnel {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         let _ = std::fs::remove_file(&self.connect_uds);
+        let _ = std::fs::remove_file(&self.grpc_uds);
     }
 }
 
@@ -203,12 +209,25 @@ impl Reconciler {
         }
     }
 
+    /// Stops every control plane this operator runs (their files stay).
+    pub async fn shutdown(&self) {
+        if let Some(rt) = &self.settings.runtime {
+            rt.shutdown().await;
+        }
+    }
+
     /// Agents connected to a tenant's Konnectivity server, by tenant.
     pub fn agents_connected(&self) -> Vec<(ObjectKey, usize)> {
         let t = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
         t.iter()
             .map(|(k, v)| (k.clone(), v.server.stats().agents))
             .collect()
+    }
+
+    /// The unix socket of `key`'s gRPC Konnectivity frontend, once its tunnel runs.
+    pub(crate) fn egress_socket(&self, key: &ObjectKey) -> Option<PathBuf> {
+        let t = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(key).map(|t| t.grpc_uds.clone())
     }
 
     /// The address agents of `key` dial, once its tunnel runs.
@@ -555,6 +574,10 @@ impl Reconciler {
         let _ = std::fs::remove_file(&connect_uds);
         let uds = tokio::net::UnixListener::bind(&connect_uds)
             .map_err(|e| format!("binding {}: {e}", connect_uds.display()))?;
+        let grpc_uds = dir.join(format!("{uid_short}-grpc.sock"));
+        let _ = std::fs::remove_file(&grpc_uds);
+        let grpc = tokio::net::UnixListener::bind(&grpc_uds)
+            .map_err(|e| format!("binding {}: {e}", grpc_uds.display()))?;
         let server = Server::new(ServerConfig::new(format!("kmetal-{}", key.name), 1));
         let (stop, rx) = watch::channel(false);
         let stopped = move |mut rx: watch::Receiver<bool>| async move {
@@ -564,10 +587,13 @@ impl Reconciler {
         let r = rx.clone();
         tokio::spawn(async move { s.serve_agents(listener, agent_tls, stopped(r)).await });
         let s = server.clone();
+        let r = rx.clone();
         tokio::spawn(async move {
-            s.serve_connect(ConnectListener::Unix(uds), stopped(rx))
+            s.serve_connect(ConnectListener::Unix(uds), stopped(r))
                 .await
         });
+        let s = server.clone();
+        tokio::spawn(async move { s.serve_proxy_grpc(grpc, stopped(rx)).await });
         self.tunnels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -577,6 +603,7 @@ impl Reconciler {
                     server,
                     agent_addr,
                     connect_uds,
+                    grpc_uds,
                     ca_fingerprint: fingerprint,
                     stop,
                 },
@@ -661,8 +688,12 @@ impl Reconciler {
         }
     }
 
-    /// Stops serving `key` here and says so.
+    /// Stops serving `key` here and says so: its control plane, tunnel and etcd endpoint.
     async fn release(&self, key: &ObjectKey) {
+        if let Some(rt) = &self.settings.runtime {
+            let ns = key.namespace.as_deref().unwrap_or("default");
+            rt.remove(&TenantId::new(ns, &key.name)).await;
+        }
         self.stop_tunnel(key);
         self.stop_gateway(key).await;
         if let Some(reg) = &self.registry {

@@ -65,6 +65,51 @@ pub struct RunArgs {
     /// Seconds a leader's lease lasts without renewal (a successor waits at most this long).
     #[arg(long, default_value_t = 10)]
     lease_ttl: u64,
+    /// What runs the tenants' control planes: `process` runs kube-apiserver, controller-manager
+    /// and scheduler here (Ready means they answer); `none` runs nothing (Ready means
+    /// provisioned: datastore, PKI and Konnectivity; the api-servers run elsewhere).
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: RuntimeKind,
+    /// A folder of Kubernetes binaries (kube-apiserver, kube-controller-manager,
+    /// kube-scheduler); repeat for several versions. Default: $KMETAL_PEERS_BIN, else the
+    /// repository's peers/bin (built by scripts/peers.sh).
+    #[arg(long = "kubernetes-bin")]
+    kubernetes_bin: Vec<PathBuf>,
+}
+
+/// `--runtime`.
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq, Debug)]
+pub enum RuntimeKind {
+    /// Supervised local processes.
+    Process,
+    /// No control planes run here.
+    None,
+}
+
+/// `--kubernetes-bin`, or its default.
+fn kubernetes_dirs(args: &RunArgs) -> Vec<PathBuf> {
+    if args.kubernetes_bin.is_empty() {
+        vec![std::env::var_os("KMETAL_PEERS_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/bin"),
+            PathBuf::from,
+        )]
+    } else {
+        args.kubernetes_bin.clone()
+    }
+}
+
+/// The control-plane runtime `args` ask for.
+fn control_plane_runtime(
+    args: &RunArgs,
+) -> Result<Option<Arc<dyn kmetal::runtime::ControlPlaneRuntime>>, String> {
+    if args.runtime == RuntimeKind::None {
+        return Ok(None);
+    }
+    let catalog = kmetal::runtime::Catalog::discover(kubernetes_dirs(args))
+        .map_err(|e| format!("--kubernetes-bin: {}", kmetal::Report(&e)))?;
+    let config =
+        kmetal::runtime::ProcessRuntimeConfig::new(args.state_dir.join("control-planes"), catalog);
+    Ok(Some(Arc::new(kmetal::runtime::ProcessRuntime::new(config))))
 }
 
 pub fn init_logs() {
@@ -122,6 +167,7 @@ async fn reconciler(
         state_dir: args.state_dir.clone(),
         default_datastore: args.default_datastore.clone(),
         renewal: RenewalPolicy::default(),
+        runtime: control_plane_runtime(args)?,
     };
     Ok((Arc::new(Reconciler::new(writer, settings, registry)), store))
 }
@@ -222,7 +268,10 @@ pub async fn converge(r: &Arc<Reconciler>, store: &Store, c: Converge<'_>) -> Re
         if pending.is_empty() {
             break true;
         }
-        if last.as_ref() == Some(&pending) && pending.iter().all(|(_, w)| w != "conflict") {
+        let moving = pending
+            .iter()
+            .any(|(_, w)| w == "conflict" || w.ends_with(crate::phases::IN_PROGRESS));
+        if last.as_ref() == Some(&pending) && !moving {
             stable += 1;
         } else {
             stable = 0;
@@ -232,7 +281,12 @@ pub async fn converge(r: &Arc<Reconciler>, store: &Store, c: Converge<'_>) -> Re
         }
         keys = pending.iter().map(|(k, _)| k.clone()).collect();
         last = Some(pending);
-        tokio::time::sleep(backoff(attempt)).await;
+        let pause = if moving {
+            backoff(attempt).min(Duration::from_secs(1))
+        } else {
+            backoff(attempt)
+        };
+        tokio::time::sleep(pause).await;
         attempt += 1;
     };
     if let Some(t) = reporter {
@@ -323,6 +377,8 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
         let took = started.elapsed();
         let _ = stop_tx.send(true);
         let ready = report(&store, &args.region, args.format).await?;
+        // A pass, not a service: the control planes it started stop with it.
+        r.shutdown().await;
         eprintln!(
             "reconciled {count} tenants in {:.2} s; peak RSS {} KiB",
             took.as_secs_f64(),
@@ -393,6 +449,26 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
             }
         });
     }
+    if let Some(rt) = &r.settings.runtime {
+        // A replica that dies or comes back changes its tenant's readiness.
+        let (tx, store, region) = (tx.clone(), store.clone(), args.region.clone());
+        let mut changes = rt.changes();
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(t) => {
+                        let key =
+                            ObjectKey::new(Kind::TenantControlPlane, Some(&t.namespace), &t.name);
+                        let _ = tx.send(key);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        enqueue_all(&store, &region, &tx).await;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
     {
         // Periodic resync: certificate deadlines pass without any write to the store.
         let (tx, store, region) = (tx.clone(), store.clone(), args.region.clone());
@@ -445,6 +521,7 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
     }
     // Hand the region over at once instead of after the lease's TTL.
     let _ = stop_tx.send(true);
+    r.shutdown().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(0)
 }
@@ -488,6 +565,16 @@ impl Worker {
             Some(Ok(Outcome::NotReady(why))) => Some(why),
             Some(Err(e)) => Some(e.to_string()),
         };
+        if let Some(why) = retry
+            .as_deref()
+            .filter(|w| w.ends_with(crate::phases::IN_PROGRESS))
+        {
+            // Starting processes, not failures: look again soon, without backoff.
+            tracing::debug!(tenant = %key.display(), reason = %why, "in progress; requeued");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = self.tx.send(key);
+            return;
+        }
         if let Some(why) = retry {
             let n = {
                 let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -503,8 +590,9 @@ impl Worker {
 }
 
 /// The no-argument demo: the bundled demo manifests and under-cluster topology on a fresh
-/// embedded management store, reconciled to Ready.
-pub async fn demo() -> Result<u8, String> {
+/// embedded management store, reconciled to Ready with real control planes, each tenant's
+/// kubectl command printed; they serve until Ctrl-C (or stop at once with `exit`).
+pub async fn demo(exit: bool) -> Result<u8, String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
     let dir = std::env::temp_dir().join(format!("kmetal-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -530,6 +618,8 @@ pub async fn demo() -> Result<u8, String> {
         region: "default".into(),
         identity: None,
         lease_ttl: 10,
+        runtime: RuntimeKind::Process,
+        kubernetes_bin: Vec::new(),
     };
     let started = Instant::now();
     let (r, store) = reconciler(&args, None, false).await?;
@@ -561,5 +651,44 @@ pub async fn demo() -> Result<u8, String> {
         }
     }
     out!("\n  inspect: cargo run --example operator -- get tcp --state {state}");
+    if ready {
+        // The kubectl scripts/peers.sh built beside the control plane, when there is one.
+        let kubectl = kubernetes_dirs(&args)
+            .into_iter()
+            .map(|d| d.join("kubectl"))
+            .find(|k| k.is_file())
+            .map_or_else(|| "kubectl".to_string(), |k| k.display().to_string());
+        out!("\n  each tenant's own cluster:");
+        for (name, endpoint) in tenant_endpoints(&store).await? {
+            let conf = dir.join("tenants").join(&name).join("admin.conf");
+            out!(
+                "    {name:<10} https://{endpoint:<20} {kubectl} --kubeconfig {} get ns",
+                conf.display()
+            );
+        }
+    }
+    if ready && !exit {
+        out!("\n  serving until Ctrl-C");
+        shutdown_signal().await;
+    }
+    r.shutdown().await;
     Ok(if ready { 0 } else { 1 })
+}
+
+/// Each tenant's name and `status.controlPlaneEndpoint`.
+async fn tenant_endpoints(store: &Store) -> Result<Vec<(String, String)>, String> {
+    let (list, _) = store
+        .list(Kind::TenantControlPlane)
+        .await
+        .map_err(|e| kmetal::Report(&e).to_string())?;
+    Ok(list
+        .iter()
+        .filter_map(|s| {
+            let name = s.key.name.clone();
+            let endpoint = s.value["status"]["controlPlaneEndpoint"]
+                .as_str()?
+                .to_string();
+            Some((name, endpoint))
+        })
+        .collect())
 }

@@ -419,6 +419,35 @@ pub struct KubernetesResourcesStatus {
     /// Running version and phase.
     #[serde(skip_serializing_if = "is_default")]
     pub version: VersionStatus,
+    /// The control plane's replicas (Kamaji: the Deployment's status), with each
+    /// component process's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentStatus>,
+}
+
+/// `status.kubernetesResources.deployment`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DeploymentStatus {
+    /// api-server replicas asked for.
+    pub replicas: i64,
+    /// api-server replicas answering `/readyz`.
+    pub ready_replicas: i64,
+    /// Every component process: `kube-apiserver-0`, `kube-controller-manager-0`, ….
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentStatus>,
+}
+
+/// One component process of the control plane.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ComponentStatus {
+    /// `kube-apiserver-0`.
+    pub name: String,
+    /// `ready`, `starting`, `not ready: …`, `restarting: …`.
+    pub state: String,
+    /// Restarts so far.
+    pub restarts: u32,
 }
 
 /// `status.kubernetesResources.version`.

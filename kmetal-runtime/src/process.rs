@@ -480,7 +480,10 @@ impl ControlPlaneRuntime for ProcessRuntime {
                 r.supervisor.stop(self.config.stop_grace).await;
             }
         }
-        let _ = std::fs::remove_dir_all(self.tenant_dir(tenant));
+        // Processes left by an earlier runtime that never ran this tenant again.
+        let dir = self.tenant_dir(tenant);
+        crate::supervisor::stop_orphans(&dir.join("run"), &dir, self.config.stop_grace).await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     async fn shutdown(&self) {

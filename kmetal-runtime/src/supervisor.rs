@@ -372,6 +372,40 @@ fn adoptable(pidfile: &Path, spec: &ProcessSpec) -> Option<u32> {
     (cmdline == want && alive(pid)).then_some(pid)
 }
 
+/// Stops the processes named by the `*.pid` files in `run_dir` whose command line mentions
+/// `owner` (a folder only our processes name): SIGTERM, SIGKILL after `grace`.
+pub async fn stop_orphans(run_dir: &Path, owner: &Path, grace: Duration) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    let owner = owner.as_os_str().as_encoded_bytes();
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pid") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if alive(pid) && cmdline.windows(owner.len()).any(|w| w == owner) {
+            signal(pid, rustix::process::Signal::TERM);
+            pids.push(pid);
+        }
+    }
+    let end = Instant::now() + grace;
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for pid in pids.into_iter().filter(|p| alive(*p)) {
+        signal(pid, rustix::process::Signal::KILL);
+    }
+}
+
 /// Whether `pid` runs (a zombie does not).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -480,6 +514,35 @@ mod tests {
         let mut orphan = orphan;
         let _ = orphan.wait();
         assert!(!alive(pid));
+    }
+
+    #[tokio::test]
+    async fn orphans_are_stopped_only_when_they_name_the_owner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let owner = dir.path().join("tenant");
+        // Ours runs from the owner's folder, so its command line names it.
+        std::fs::create_dir_all(&owner).expect("owner");
+        let sleep = owner.join("sleep");
+        std::os::unix::fs::symlink("/bin/sleep", &sleep).expect("symlink");
+        let spawn = |binary: &Path| {
+            std::process::Command::new(binary)
+                .arg("60")
+                .spawn()
+                .expect("spawn")
+        };
+        let mut ours = spawn(&sleep);
+        let mut other = spawn(Path::new("/bin/sleep"));
+        std::fs::write(dir.path().join("a.pid"), ours.id().to_string()).expect("pid");
+        std::fs::write(dir.path().join("b.pid"), other.id().to_string()).expect("pid");
+        stop_orphans(dir.path(), &owner, Duration::from_secs(5)).await;
+        let _ = ours.wait();
+        assert!(!alive(ours.id()));
+        assert!(
+            alive(other.id()),
+            "a process that is not ours is left alone"
+        );
+        let _ = other.kill();
+        let _ = other.wait();
     }
 
     #[tokio::test]

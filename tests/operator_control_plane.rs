@@ -1,0 +1,347 @@
+//! The operator runs real tenant control planes (kube-apiserver, kube-controller-manager,
+//! kube-scheduler from `scripts/peers.sh`): Ready means kubectl works with the tenant's
+//! admin.conf; the controllers do their work; a killed replica turns the tenant NotReady
+//! naming it; a version without binaries is a condition; deletion and shutdown leave nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::operator::{Op, apply, condition, operator, ready, tenant, wait_until};
+use kmetal_testkit::kube::{KubeError, kubectl};
+use kmetal_testkit::ports::free_port;
+use serde_json::Value;
+
+/// The Kubernetes version `scripts/peers.sh` builds (what `kube-apiserver --version` says).
+fn pinned_version() -> String {
+    let bin = kmetal_testkit::process::peer_binary("kube-apiserver").expect("kube-apiserver");
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .expect("--version");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("Kubernetes vX.Y.Z")
+        .to_string()
+}
+
+fn tenant_yaml(name: &str, address: &str, port: u16, replicas: u32, version: &str) -> String {
+    format!(
+        r#"
+apiVersion: kamaji.clastix.io/v1alpha1
+kind: TenantControlPlane
+metadata: {{name: {name}, namespace: tenants}}
+spec:
+  dataStore: embedded
+  controlPlane: {{deployment: {{replicas: {replicas}}}, service: {{serviceType: ClusterIP}}}}
+  kubernetes: {{version: {version}}}
+  networkProfile: {{address: {address}, port: {port}}}
+"#
+    )
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    state: String,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = format!("sqlite://{}/management.db", dir.path().display());
+        let slices = dir.path().join("slices");
+        let env = Self { dir, state };
+        let ds = format!(
+            "apiVersion: kamaji.clastix.io/v1alpha1\nkind: DataStore\nmetadata: {{name: embedded}}\n\
+             spec: {{driver: SQLite, endpoints: [\"{}\"]}}\n",
+            slices.display()
+        );
+        apply(&env.state, env.dir.path(), "ds.yaml", &ds);
+        env
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn run(&self) -> Op {
+        let log = std::fs::File::create(self.path("operator.log")).expect("log");
+        let child = operator(&self.state, &["run"])
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--out")
+            .arg(self.path("out"))
+            .env("KMETAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run");
+        Op(child)
+    }
+
+    fn kubectl(&self, tenant: &str, args: &[&str]) -> Result<String, KubeError> {
+        kubectl(&self.admin_conf(tenant), args)
+    }
+
+    fn admin_conf(&self, tenant: &str) -> PathBuf {
+        self.path(&format!("out/{tenant}/admin.conf"))
+    }
+
+    /// The tenant's runtime folder (`run/<replica>.pid`, `logs/`).
+    fn runtime_dir(&self, tenant: &str) -> PathBuf {
+        self.path(&format!("state/control-planes/tenants/{tenant}"))
+    }
+
+    fn pid(&self, tenant: &str, replica: &str) -> Option<u32> {
+        std::fs::read_to_string(self.runtime_dir(tenant).join(format!("run/{replica}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn pids(&self, tenant: &str) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(self.runtime_dir(tenant).join("run")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+            .collect()
+    }
+
+    fn tenant(&self, name: &str) -> Value {
+        tenant(&self.state, name).unwrap_or(Value::Null)
+    }
+
+    fn wait_ready(&self, name: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || ready(&self.tenant(name)));
+        assert!(
+            ok,
+            "{name} not Ready after {timeout:?}: {:#}\noperator log tail:\n{}",
+            self.tenant(name)["status"],
+            tail(&self.path("operator.log"), 30)
+        );
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+fn wait_gone(pids: &[u32]) -> bool {
+    wait_until(Duration::from_secs(30), || pids.iter().all(|p| !alive(*p)))
+}
+
+/// Two tenants with real control planes: each one's admin.conf reaches its own cluster and
+/// is refused by the other's; controller-manager and scheduler do their work; a killed
+/// api-server replica turns the tenant NotReady naming it and Ready again; a version with
+/// no binaries is a condition; deletion and operator shutdown stop every process.
+#[test]
+fn tenants_run_real_control_planes() {
+    let env = Env::new();
+    let version = pinned_version();
+    let (pa, pb) = (free_port().expect("port"), free_port().expect("port"));
+    apply(
+        &env.state,
+        env.dir.path(),
+        "a.yaml",
+        &tenant_yaml("alpha", "127.0.84.1", pa, 2, &version),
+    );
+    apply(
+        &env.state,
+        env.dir.path(),
+        "b.yaml",
+        &tenant_yaml("beta", "127.0.84.2", pb, 1, &version),
+    );
+    let started = Instant::now();
+    let op = env.run();
+    env.wait_ready("alpha", Duration::from_secs(240));
+    env.wait_ready("beta", Duration::from_secs(120));
+    eprintln!(
+        "both tenants Ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Each admin.conf names its tenant's own address and works there.
+    let alpha = env.tenant("alpha");
+    assert_eq!(
+        alpha["status"]["controlPlaneEndpoint"],
+        format!("127.0.84.1:{pa}")
+    );
+    let deployment = &alpha["status"]["kubernetesResources"]["deployment"];
+    assert_eq!(deployment["readyReplicas"], 2, "{deployment:#}");
+    assert_eq!(deployment["components"].as_array().map(Vec::len), Some(6));
+    let ns = env
+        .kubectl("alpha", &["get", "ns", "-o", "name"])
+        .expect("kubectl");
+    assert!(ns.contains("namespace/kube-system"), "{ns}");
+    env.kubectl("beta", &["get", "ns", "default"])
+        .expect("beta's own cluster");
+
+    // Another tenant's admin.conf is refused by alpha's api-server: its CA does not trust
+    // alpha's serving certificate, and alpha does not trust its client certificate.
+    let alpha_url = format!("https://127.0.84.1:{pa}");
+    let e = env
+        .kubectl("beta", &["--server", &alpha_url, "get", "ns"])
+        .expect_err("beta's CA must not trust alpha");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    let e = env
+        .kubectl(
+            "beta",
+            &[
+                "--server",
+                &alpha_url,
+                "--insecure-skip-tls-verify",
+                "get",
+                "ns",
+            ],
+        )
+        .expect_err("alpha must not accept beta's client certificate");
+    assert!(e.to_string().contains("Unauthorized"), "{e}");
+
+    // The controller-manager runs: a namespace gets its default ServiceAccount, a Deployment
+    // a ReplicaSet and Pods (Pending: no nodes), and deleting it collects them.
+    env.kubectl("alpha", &["create", "namespace", "team"])
+        .expect("namespace");
+    assert!(
+        wait_until(Duration::from_secs(60), || env
+            .kubectl("alpha", &["-n", "team", "get", "serviceaccount", "default"])
+            .is_ok()),
+        "no default ServiceAccount in team"
+    );
+    env.kubectl(
+        "alpha",
+        &[
+            "-n",
+            "team",
+            "create",
+            "deployment",
+            "web",
+            "--image=registry.invalid/web",
+            "--replicas=2",
+        ],
+    )
+    .expect("deployment");
+    let pods = || {
+        env.kubectl("alpha", &["-n", "team", "get", "pods", "-o", "name"])
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || pods() == 2),
+        "no pods"
+    );
+    let phases = env
+        .kubectl(
+            "alpha",
+            &[
+                "-n",
+                "team",
+                "get",
+                "pods",
+                "-o",
+                "jsonpath={.items[*].status.phase}",
+            ],
+        )
+        .expect("pods");
+    assert_eq!(phases.trim(), "Pending Pending");
+    env.kubectl("alpha", &["-n", "team", "delete", "deployment", "web"])
+        .expect("delete");
+    assert!(
+        wait_until(Duration::from_secs(60), || pods() == 0
+            && env
+                .kubectl("alpha", &["-n", "team", "get", "replicasets", "-o", "name"])
+                .is_ok_and(|o| o.trim().is_empty())),
+        "garbage collection left the ReplicaSet or its Pods"
+    );
+
+    // A replica that dies: NotReady naming it while the other serves, Ready after restart.
+    let victim = env.pid("alpha", "kube-apiserver-1").expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let named = wait_until(Duration::from_secs(30), || {
+        let t = env.tenant("alpha");
+        condition(&t, "ControlPlaneReady").is_some_and(|c| {
+            c["status"] == "False"
+                && c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("kube-apiserver-1"))
+        }) && !ready(&t)
+    });
+    assert!(named, "{:#}", env.tenant("alpha")["status"]);
+    env.kubectl("alpha", &["get", "ns", "team"])
+        .expect("replica 0 serves meanwhile");
+    env.wait_ready("alpha", Duration::from_secs(120));
+    assert_ne!(env.pid("alpha", "kube-apiserver-1"), Some(victim));
+
+    // A version without binaries is a condition, not a crash.
+    let pc = free_port().expect("port");
+    apply(
+        &env.state,
+        env.dir.path(),
+        "c.yaml",
+        &tenant_yaml("gamma", "127.0.84.3", pc, 1, "v1.29.3"),
+    );
+    let refused = wait_until(Duration::from_secs(60), || {
+        condition(&env.tenant("gamma"), "ControlPlaneReady")
+            .is_some_and(|c| c["reason"] == "VersionUnavailable")
+    });
+    let gamma = env.tenant("gamma");
+    assert!(refused, "{:#}", gamma["status"]);
+    let message = condition(&gamma, "ControlPlaneReady").expect("condition")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        message,
+        format!("no kube-apiserver binary for v1.29.3; available: {version}")
+    );
+    assert!(!ready(&gamma));
+
+    // Deleting a tenant stops its processes and frees its address and files.
+    let alpha_pids = env.pids("alpha");
+    assert_eq!(alpha_pids.len(), 6, "{alpha_pids:?}");
+    let out = operator(&env.state, &["delete", "tcp/alpha", "-n", "tenants"])
+        .output()
+        .expect("delete");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || tenant(&env.state, "alpha")
+            .is_none()),
+        "alpha not finalized"
+    );
+    assert!(wait_gone(&alpha_pids), "alpha's processes still run");
+    assert!(!env.runtime_dir("alpha").exists(), "alpha's files removed");
+    std::net::TcpListener::bind(("127.0.84.1", pa)).expect("alpha's address is free");
+
+    // The operator's shutdown stops the control planes it runs.
+    let beta_pids = env.pids("beta");
+    assert_eq!(beta_pids.len(), 3, "{beta_pids:?}");
+    drop(op);
+    assert!(
+        wait_gone(&beta_pids),
+        "beta's processes outlived the operator"
+    );
+}
