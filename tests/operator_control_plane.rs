@@ -29,11 +29,22 @@ fn pinned_version() -> String {
 }
 
 fn tenant_yaml(name: &str, address: &str, port: u16, replicas: u32, version: &str) -> String {
+    tenant_yaml_with(name, address, port, replicas, version, "{}")
+}
+
+fn tenant_yaml_with(
+    name: &str,
+    address: &str,
+    port: u16,
+    replicas: u32,
+    version: &str,
+    annotations: &str,
+) -> String {
     format!(
         r#"
 apiVersion: kamaji.clastix.io/v1alpha1
 kind: TenantControlPlane
-metadata: {{name: {name}, namespace: tenants}}
+metadata: {{name: {name}, namespace: tenants, annotations: {annotations}}}
 spec:
   dataStore: embedded
   controlPlane: {{deployment: {{replicas: {replicas}}}, service: {{serviceType: ClusterIP}}}}
@@ -112,6 +123,20 @@ impl Env {
             .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
             .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
             .collect()
+    }
+
+    /// The last lines of every component's log, for failure messages.
+    fn logs(&self, tenant: &str) -> String {
+        let mut out = format!("operator:\n{}\n", tail(&self.path("operator.log"), 20));
+        let dir = self.runtime_dir(tenant).join("logs");
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs {
+            out.push_str(&format!("{}:\n{}\n", log.display(), tail(&log, 15)));
+        }
+        out
     }
 
     fn tenant(&self, name: &str) -> Value {
@@ -344,4 +369,114 @@ fn tenants_run_real_control_planes() {
         wait_gone(&beta_pids),
         "beta's processes outlived the operator"
     );
+}
+
+/// Runs kubectl with `conf` every 100 ms until stopped; what failed, and how often it ran.
+struct Looper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u32, Vec<String>)>,
+}
+
+impl Looper {
+    fn start(conf: PathBuf) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match kubectl(&conf, &["get", "ns", "default", "-o", "name"]) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (ok, failed)
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> (u32, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("looper")
+    }
+}
+
+/// CA rotation (prepare → finalize) on a running two-replica tenant while kubectl loops with
+/// its admin.conf: no request fails in either phase; every process restarts with the new
+/// certificates; the old admin.conf works during the overlap and is refused after finalize.
+#[test]
+fn ca_rotation_keeps_the_tenant_served() {
+    let env = Env::new();
+    let version = pinned_version();
+    let port = free_port().expect("port");
+    let yaml =
+        |annotations: &str| tenant_yaml_with("rot", "127.0.84.5", port, 2, &version, annotations);
+    apply(&env.state, env.dir.path(), "r.yaml", &yaml("{}"));
+    let _op = env.run();
+    env.wait_ready("rot", Duration::from_secs(240));
+    let old_conf = env.path("old-admin.conf");
+    std::fs::copy(env.admin_conf("rot"), &old_conf).expect("old admin.conf");
+    let old = kubectl(&old_conf, &["get", "ns", "default"]);
+    assert!(old.is_ok(), "{old:?}");
+    let looper = Looper::start(env.admin_conf("rot"));
+
+    let apiservers =
+        |env: &Env| ["kube-apiserver-0", "kube-apiserver-1"].map(|r| env.pid("rot", r));
+    // Rolled: every replica's pid changed and the tenant is Ready again in `phase`.
+    let rolled = |env: &Env, before: [Option<u32>; 2], phase: &str| {
+        wait_until(Duration::from_secs(300), || {
+            let t = env.tenant("rot");
+            let now = apiservers(env);
+            ready(&t)
+                && t["status"]["kubernetesResources"]["version"]["status"] == phase
+                && now.iter().zip(&before).all(|(n, b)| n.is_some() && n != b)
+        })
+    };
+    let before = apiservers(&env);
+    apply(
+        &env.state,
+        env.dir.path(),
+        "r.yaml",
+        &yaml("{kmetal.io/rotate-ca: prepare}"),
+    );
+    assert!(
+        rolled(&env, before, "CertificateAuthorityRotating"),
+        "prepare did not roll: {:#}\n{}",
+        env.tenant("rot")["status"],
+        env.logs("rot")
+    );
+    let overlap = kubectl(&old_conf, &["get", "ns", "default"]);
+    assert!(
+        overlap.is_ok(),
+        "the old admin.conf works during the overlap: {overlap:?}"
+    );
+
+    let before = apiservers(&env);
+    apply(
+        &env.state,
+        env.dir.path(),
+        "r.yaml",
+        &yaml("{kmetal.io/rotate-ca: finalize}"),
+    );
+    assert!(
+        rolled(&env, before, "Ready"),
+        "finalize did not roll: {:#}\n{}",
+        env.tenant("rot")["status"],
+        env.logs("rot")
+    );
+    let (ok, failed) = looper.finish();
+    assert!(ok > 20, "kubectl ran {ok} times");
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:#?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    let refused = kubectl(&old_conf, &["get", "ns", "default"]);
+    assert!(
+        refused.is_err(),
+        "the old admin.conf must be refused after finalize"
+    );
+    env.kubectl("rot", &["get", "ns", "default"])
+        .expect("the new admin.conf works");
 }

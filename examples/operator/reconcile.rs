@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use kmetal::core::meta::ConditionStatus;
 use kmetal::core::tenant::{ReplicaPlacement, TenantControlPlaneStatus};
 use kmetal::core::{Condition, DataStore, Phase, TenantControlPlane};
-use kmetal::datastore::gateway::{Gateway as DatastoreGateway, GatewayTls};
+use kmetal::datastore::gateway::{Gateway as DatastoreGateway, GatewayTls, TlsHandle};
 use kmetal::datastore::migrate::MigratableStore;
 use kmetal::datastore::provision::{TenantSlice, generate_password};
 use kmetal::pki::{Bundle, PkiSpec, RenewalPolicy};
@@ -87,6 +87,10 @@ pub(crate) struct Endpoint {
     live: Arc<MigratableStore>,
     /// The DataStore the live store's backend belongs to.
     pub(crate) data_store: String,
+    /// Its TLS, replaced when a renewal or rotation changes the certificates.
+    tls: TlsHandle,
+    /// What `tls` was made from.
+    tls_fingerprint: String,
     stop: watch::Sender<bool>,
 }
 
@@ -620,25 +624,42 @@ impl Reconciler {
         cfg: &SliceConfig,
     ) -> Result<(SocketAddr, Arc<MigratableStore>), String> {
         let ds = cfg.get("dataStore").cloned().unwrap_or_default();
-        let mut endpoints = self.endpoints.lock().await;
-        if let Some(e) = endpoints.get(key) {
-            if e.data_store == ds {
-                return Ok((e.addr, e.live.clone()));
-            }
-            // Another controller migrated the tenant: serve the new slice.
-            endpoints.remove(key);
-        }
         let file = |f: &str| {
             bundle
                 .get(f)
                 .map(str::to_string)
                 .ok_or_else(|| format!("{f} missing from the tenant's PKI"))
         };
+        // Both etcd CAs while a rotation overlaps: api-servers restarted with the new client
+        // certificate and those not yet restarted both get in.
+        let client_ca = file("pki/etcd/ca-bundle.crt").or_else(|_| file("pki/etcd/ca.crt"))?;
         let tls = GatewayTls {
             cert_pem: file("pki/etcd/server.crt")?,
             key_pem: file("pki/etcd/server.key")?,
-            client_ca_pem: Some(file("pki/etcd/ca.crt")?),
+            client_ca_pem: Some(client_ca),
         };
+        let fingerprint = format!(
+            "{}{}",
+            tls.cert_pem,
+            tls.client_ca_pem.as_deref().unwrap_or_default()
+        );
+        let mut endpoints = self.endpoints.lock().await;
+        if let Some(e) = endpoints.get_mut(key) {
+            if e.data_store == ds {
+                if e.tls_fingerprint != fingerprint {
+                    // Renewed or rotated certificates: new handshakes get them, on the same
+                    // address, while the api-servers roll.
+                    e.tls
+                        .replace(&tls)
+                        .map_err(|e| kmetal::Report(&e).to_string())?;
+                    e.tls_fingerprint = fingerprint;
+                }
+                return Ok((e.addr, e.live.clone()));
+            }
+            // Another controller migrated the tenant: serve the new slice.
+            endpoints.remove(key);
+        }
+        let handle = TlsHandle::new(&tls).map_err(|e| kmetal::Report(&e).to_string())?;
         let backend = crate::drivers::open_slice(&ds, cfg, datastore_identity(bundle))
             .await
             .map_err(|e| kmetal::Report(&e).to_string())?;
@@ -651,11 +672,15 @@ impl Reconciler {
             .map_err(|e| kmetal::Report(&e).to_string())?;
         let (stop, mut rx) = watch::channel(false);
         let gateway = DatastoreGateway::new(live.clone() as Arc<dyn kmetal::datastore::Datastore>);
+        let serving = handle.clone();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = gateway.serve_on(listener, Some(tls), stopped).await {
+            if let Err(e) = gateway
+                .serve_on_with(listener, Some(serving), stopped)
+                .await
+            {
                 tracing::warn!(error = %e, "datastore endpoint stopped");
             }
         });
@@ -665,6 +690,8 @@ impl Reconciler {
                 addr,
                 live: live.clone(),
                 data_store: ds,
+                tls: handle,
+                tls_fingerprint: fingerprint,
                 stop,
             },
         );
@@ -822,17 +849,13 @@ impl Reconciler {
     }
 }
 
-/// Writes the bundle to `out/<name>` as a whole: into a fresh folder, then swapped in, so
-/// files of an earlier state (a finished CA rotation's old CA) never linger.
+/// Writes the bundle to `out/<name>`, each file replaced whole (the rotation files a
+/// finished CA rotation no longer has are removed).
 pub(crate) fn write_out(bundle: &Bundle, out: &std::path::Path, name: &str) -> Result<(), String> {
-    let target = out.join(name);
-    let fresh = out.join(format!(".{name}.new"));
-    let _ = std::fs::remove_dir_all(&fresh);
+    // Not a fresh folder swapped in: kubectl reading admin.conf meanwhile would miss it.
     bundle
-        .write_dir(&fresh)
-        .map_err(|e| kmetal::Report(&e).to_string())?;
-    let _ = std::fs::remove_dir_all(&target);
-    std::fs::rename(&fresh, &target).map_err(|e| format!("{}: {e}", target.display()))
+        .write_dir(&out.join(name))
+        .map_err(|e| kmetal::Report(&e).to_string())
 }
 
 /// How long to wait before retrying a tenant that is not ready, after `failures` attempts.

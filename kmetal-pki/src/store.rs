@@ -232,7 +232,7 @@ impl Bundle {
     }
 
     /// Writes every file under `dir` in kubeadm's layout (keys and kubeconfigs with mode
-    /// 0600), and removes the rotation files (`*-previous.crt`, `*-cross.crt`) the bundle no
+    /// 0600; each file replaced whole, unchanged ones left alone), and removes the rotation files (`*-previous.crt`, `*-cross.crt`) the bundle no
     /// longer has, so a finalized rotation leaves no old CA on disk.
     pub fn write_dir(&self, dir: &Path) -> Result<(), PkiError> {
         for p in profile::CAS.iter() {
@@ -253,16 +253,30 @@ impl Bundle {
                 file: full.display().to_string(),
                 source,
             };
+            // Unchanged files stay as they are: running processes that watch them (the
+            // api-server reloads its serving certificate and client CA) see no churn.
+            if std::fs::read(&full).is_ok_and(|old| old == content.as_bytes()) {
+                continue;
+            }
             if let Some(parent) = full.parent() {
                 std::fs::create_dir_all(parent).map_err(io)?;
             }
-            std::fs::write(&full, content).map_err(io)?;
+            // Written beside and renamed over, so a reader never sees half a file.
+            let tmp = full.with_extension("kmetal-tmp");
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
             #[cfg(unix)]
             if path.ends_with(".key") || path.ends_with(".conf") {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600))
-                    .map_err(io)?;
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
             }
+            let written = options.open(&tmp).and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(content.as_bytes())
+            });
+            written
+                .and_then(|()| std::fs::rename(&tmp, &full))
+                .map_err(io)?;
         }
         Ok(())
     }

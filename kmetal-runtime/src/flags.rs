@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use crate::layout::{LayoutError, TenantLayout};
+use crate::layout::{Ca, LayoutError, TenantLayout};
 
 /// Kamaji's default `spec.kubernetes.admissionControllers`.
 pub const DEFAULT_ADMISSION_PLUGINS: [&str; 17] = [
@@ -219,7 +219,7 @@ pub fn apiserver(i: &ApiserverInputs<'_>) -> Result<Flags, LayoutError> {
         .set("allow-privileged", "true")
         .set("authorization-mode", "Node,RBAC")
         .set("enable-bootstrap-token-auth", "true")
-        .path("client-ca-file", &l.file("pki/ca.crt")?)
+        .path("client-ca-file", &l.trust(Ca::Cluster)?)
         .path("tls-cert-file", &l.file("pki/apiserver.crt")?)
         .path("tls-private-key-file", &l.file("pki/apiserver.key")?)
         .path(
@@ -238,10 +238,7 @@ pub fn apiserver(i: &ApiserverInputs<'_>) -> Result<Flags, LayoutError> {
             "proxy-client-key-file",
             &l.file("pki/front-proxy-client.key")?,
         )
-        .path(
-            "requestheader-client-ca-file",
-            &l.file("pki/front-proxy-ca.crt")?,
-        )
+        .path("requestheader-client-ca-file", &l.trust(Ca::FrontProxy)?)
         .set("requestheader-allowed-names", "front-proxy-client")
         .set("requestheader-extra-headers-prefix", "X-Remote-Extra-")
         .set("requestheader-group-headers", "X-Remote-Group")
@@ -269,7 +266,7 @@ pub fn apiserver(i: &ApiserverInputs<'_>) -> Result<Flags, LayoutError> {
     match &i.etcd.tls {
         EtcdTls::None => {}
         EtcdTls::Bundle => {
-            f.path("etcd-cafile", &l.file("pki/etcd/ca.crt")?)
+            f.path("etcd-cafile", &l.trust(Ca::Etcd)?)
                 .path("etcd-certfile", &l.file("pki/apiserver-etcd-client.crt")?)
                 .path("etcd-keyfile", &l.file("pki/apiserver-etcd-client.key")?);
         }
@@ -284,6 +281,11 @@ pub fn apiserver(i: &ApiserverInputs<'_>) -> Result<Flags, LayoutError> {
     }
     if let Some(egress) = i.egress_file {
         f.path("egress-selector-config-file", egress);
+    }
+    if i.advertise.is_loopback() {
+        // The `kubernetes` Service's endpoints may not name a loopback address: the
+        // api-server would retry writing them every 10 s, forever.
+        f.set("endpoint-reconciler-type", "none");
     }
     Ok(f)
 }
@@ -312,14 +314,14 @@ pub fn controller(
         .path("cert-dir", cert_dir)
         .set("leader-elect", "true");
     if component == crate::Component::ControllerManager {
-        f.path("client-ca-file", &layout.file("pki/ca.crt")?)
+        f.path("client-ca-file", &layout.trust(Ca::Cluster)?)
             .path(
                 "requestheader-client-ca-file",
-                &layout.file("pki/front-proxy-ca.crt")?,
+                &layout.trust(Ca::FrontProxy)?,
             )
             .path("cluster-signing-cert-file", &layout.file("pki/ca.crt")?)
             .path("cluster-signing-key-file", &layout.file("pki/ca.key")?)
-            .path("root-ca-file", &layout.file("pki/ca.crt")?)
+            .path("root-ca-file", &layout.trust(Ca::Cluster)?)
             .path(
                 "service-account-private-key-file",
                 &layout.file("pki/sa.key")?,

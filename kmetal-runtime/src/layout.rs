@@ -30,6 +30,28 @@ pub enum LayoutError {
     },
 }
 
+/// The tenant's CAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ca {
+    /// The cluster CA (`pki/ca`).
+    Cluster,
+    /// The front-proxy CA (`pki/front-proxy-ca`).
+    FrontProxy,
+    /// The etcd CA (`pki/etcd/ca`).
+    Etcd,
+}
+
+impl Ca {
+    fn files(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Cluster => ("pki/ca-bundle.crt", "pki/ca.crt"),
+            Self::FrontProxy => ("pki/front-proxy-ca-bundle.crt", "pki/front-proxy-ca.crt"),
+            Self::Etcd => ("pki/etcd/ca-bundle.crt", "pki/etcd/ca.crt"),
+        }
+    }
+}
+
 /// One replica of one component: `kube-apiserver-0`, `kube-scheduler-0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ReplicaId {
@@ -82,6 +104,24 @@ impl TenantLayout {
             .get(rel)
             .map(|_| self.dir.join(rel))
             .ok_or(LayoutError::MissingFile(rel))
+    }
+
+    /// What to trust for a CA: its `-bundle.crt` (old and new CA while a rotation overlaps)
+    /// when the bundle has one, else the CA itself. `ca` is the CA's path without `.crt`.
+    pub fn trust(&self, ca: Ca) -> Result<PathBuf, LayoutError> {
+        let (bundle, cert) = ca.files();
+        self.file(bundle).or_else(|_| self.file(cert))
+    }
+
+    /// A digest of every bundle file: what the processes read at start, so a change
+    /// (renewal, CA rotation) means they must restart.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut files: Vec<(&str, &str)> = self.bundle.files().collect();
+        files.sort_unstable();
+        files.hash(&mut h);
+        h.finish()
     }
 
     /// The text of a bundle file.

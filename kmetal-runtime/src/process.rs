@@ -175,6 +175,7 @@ impl ProcessRuntime {
             args: flags.to_args(),
             log: layout.log(id),
             pidfile: Some(layout.pidfile(id)),
+            revision: layout.digest(),
         })
     }
 
@@ -294,7 +295,20 @@ impl ProcessRuntime {
                 let (id, addr) = (t.replicas[i].id, t.replicas[i].addr);
                 let spec = self.command_line(plan, &t.layout, id, addr)?;
                 if spec != t.replicas[i].spec {
-                    tracing::info!(tenant = %plan.tenant, replica = %id, "replacing replica: its command line changed");
+                    tracing::info!(tenant = %plan.tenant, replica = %id, "replacing replica: its command line or files changed");
+                    // New connections go to the others first, so none lands on a replica
+                    // that is stopping.
+                    let others: Vec<SocketAddr> = t
+                        .front
+                        .backends()
+                        .into_iter()
+                        .filter(|a| *a != addr)
+                        .collect();
+                    if id.component == Component::ApiServer && others.is_empty() {
+                        // The only replica: replacing it is an outage the caller asked for.
+                        tracing::warn!(tenant = %plan.tenant, replica = %id, "replacing the only ready api-server");
+                    }
+                    t.front.set_backends(others);
                     // The new process takes the old one's address: stop the old one first.
                     let old = t.replicas.remove(i);
                     old.supervisor.stop(self.config.stop_grace).await;

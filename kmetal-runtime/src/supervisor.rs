@@ -21,6 +21,9 @@ pub struct ProcessSpec {
     pub log: PathBuf,
     /// Where the running pid is kept (no adoption without one).
     pub pidfile: Option<PathBuf>,
+    /// What else the process reads at start, as an opaque revision (a digest of its files):
+    /// a spec that differs only here still means a restart to its owner.
+    pub revision: u64,
 }
 
 /// Restart delays: doubling from `initial` up to `max`, back to `initial` once a run lasted
@@ -437,6 +440,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             log: dir.join("log"),
             pidfile: Some(dir.join("pid")),
+            revision: 0,
         }
     }
 
@@ -553,6 +557,7 @@ mod tests {
             args: vec![],
             log: dir.path().join("log"),
             pidfile: None,
+            revision: 0,
         };
         let s = Supervisor::start(spec, Backoff::default());
         let mut rx = s.watch();

@@ -143,6 +143,75 @@ async fn replicas_serve_kubectl_and_a_killed_one_comes_back() {
     std::net::TcpListener::bind(plan.endpoint).expect("the tenant's address is free again");
 }
 
+/// Renewed certificates reach the running processes: the replicas restart one at a time and
+/// kubectl, looping through the tenant's address, never fails meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_bundle_rolls_the_replicas_while_served() {
+    let etcd = EtcdCluster::start(EtcdOptions::default())
+        .await
+        .expect("etcd");
+    let state = tempfile::tempdir().expect("tempdir");
+    let rt = ProcessRuntime::new(ProcessRuntimeConfig::new(state.path(), catalog()));
+    let version = catalog().newest().expect("version").to_string();
+    let tcp = tenant(
+        "roll",
+        Ipv4Addr::new(127, 0, 83, 3),
+        free_port().expect("port"),
+        2,
+        &version,
+    );
+    let mut plan = plan(&tcp, &etcd);
+    let ready = ensure_until(&rt, &plan, Duration::from_secs(120), |s| s.is_ready()).await;
+    let before: Vec<Option<u32>> = ready.replicas.iter().map(|r| r.pid).collect();
+    let dir = rt.tenant_dir(&plan.tenant);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looper = {
+        let (stop, dir) = (stop.clone(), dir.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match kubectl(&dir, &["get", "ns", "default", "-o", "name"]) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failures.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (ok, failures)
+        })
+    };
+    let mut renewed = plan.bundle.clone();
+    renewed
+        .renew_all(std::time::SystemTime::now())
+        .expect("renew");
+    plan.bundle = renewed;
+    let rolled = ensure_until(&rt, &plan, Duration::from_secs(300), |s| {
+        s.is_ready()
+            && s.replicas
+                .iter()
+                .zip(&before)
+                .all(|(r, old)| r.pid.is_some() && r.pid != *old)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = looper.join().expect("looper");
+    assert!(ok > 10, "kubectl ran {ok} times");
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {failures:#?}",
+        failures.len(),
+        ok as usize + failures.len()
+    );
+    let served = std::fs::read_to_string(dir.join("pki/apiserver.crt")).expect("cert");
+    assert_eq!(Some(served.as_str()), plan.bundle.get("pki/apiserver.crt"));
+    // Replaced, not restarted: new processes count their restarts from zero, as new pods do.
+    assert!(
+        rolled.replicas.iter().all(|r| r.restarts == 0),
+        "{rolled:#?}"
+    );
+    rt.shutdown().await;
+}
+
 /// A version the runtime has no binaries for is refused with the versions it has, and
 /// nothing starts.
 #[tokio::test]

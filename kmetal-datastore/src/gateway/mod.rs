@@ -18,6 +18,9 @@
 
 mod convert;
 mod services;
+mod tls;
+
+pub use tls::TlsHandle;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use etcd_client::proto::{
     PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbWatchServer,
 };
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::store::Datastore;
 use convert::Identity;
@@ -89,9 +92,24 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    /// The gRPC server failed (TLS setup or transport).
+    /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// A certificate or key of the TLS configuration is not PEM.
+    #[error("bad PEM in the {what}")]
+    Pem {
+        /// Which input.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the TLS configuration (a key that does not match its certificate).
+    #[error("TLS configuration refused")]
+    Tls(#[source] rustls::Error),
+    /// The client CA does not make a verifier.
+    #[error("the client CA makes no verifier")]
+    ClientVerifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 /// The gateway for one tenant's store.
@@ -121,28 +139,15 @@ impl Gateway {
         }
     }
 
-    fn router(
-        self,
-        client_url: String,
-        tls: Option<&GatewayTls>,
-    ) -> Result<tonic::transport::server::Router, GatewayError> {
+    fn router(self, client_url: String) -> tonic::transport::server::Router {
         let mut backend = self.backend;
         backend.client_urls = vec![client_url];
-        let mut server = Server::builder();
-        if let Some(t) = tls {
-            let mut cfg =
-                ServerTlsConfig::new().identity(TlsIdentity::from_pem(&t.cert_pem, &t.key_pem));
-            if let Some(ca) = &t.client_ca_pem {
-                cfg = cfg.client_ca_root(Certificate::from_pem(ca));
-            }
-            server = server.tls_config(cfg).map_err(GatewayError::Serve)?;
-        }
-        Ok(server
+        Server::builder()
             .add_service(PbKvServer::new(backend.clone()).max_decoding_message_size(4 << 20))
             .add_service(PbWatchServer::new(backend.clone()))
             .add_service(PbLeaseServer::new(backend.clone()))
             .add_service(PbMaintenanceServer::new(backend.clone()))
-            .add_service(PbClusterServer::new(backend)))
+            .add_service(PbClusterServer::new(backend))
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets open requests finish.
@@ -169,12 +174,15 @@ impl Gateway {
                         listen: path.display().to_string(),
                         source,
                     })?;
-                let router = self.router(format!("unix://{}", path.display()), tls.as_ref())?;
+                let router = self.router(format!("unix://{}", path.display()));
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-                    .map_err(GatewayError::Serve)
+                serve_incoming(
+                    router,
+                    incoming,
+                    tls.map(|t| TlsHandle::new(&t)).transpose()?,
+                    shutdown,
+                )
+                .await
             }
         }
     }
@@ -186,12 +194,24 @@ impl Gateway {
         tls: Option<GatewayTls>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), GatewayError> {
+        let tls = tls.map(|t| TlsHandle::new(&t)).transpose()?;
+        self.serve_on_with(listener, tls, shutdown).await
+    }
+
+    /// [`serve_on`](Self::serve_on) with TLS the caller can replace while it serves
+    /// ([`TlsHandle::replace`]): renewed or rotated certificates on the same address.
+    pub async fn serve_on_with(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: Option<TlsHandle>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
         let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             listen: "bound listener".into(),
             source,
         })?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let router = self.router(format!("{scheme}://{addr}"), tls.as_ref())?;
+        let router = self.router(format!("{scheme}://{addr}"));
         // Without TCP_NODELAY small responses wait out Nagle against delayed ACKs:
         // ~40 ms per watch event or list page.
         let incoming = tokio_stream::StreamExt::map(
@@ -202,9 +222,45 @@ impl Gateway {
                 })
             },
         );
-        router
+        serve_incoming(router, incoming, tls, shutdown).await
+    }
+}
+
+/// Serves `incoming` connections, through TLS when there is a handle; with TLS the
+/// listener goes as soon as `shutdown` completes.
+async fn serve_incoming<S, I>(
+    router: tonic::transport::server::Router,
+    incoming: I,
+    tls: Option<TlsHandle>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GatewayError>
+where
+    S: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    I: tokio_stream::Stream<Item = std::io::Result<S>> + Send + Unpin + 'static,
+{
+    match tls {
+        None => router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
-            .map_err(GatewayError::Serve)
+            .map_err(GatewayError::Serve),
+        Some(tls) => {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let stop = async move {
+                let _ = stop_rx.await;
+            };
+            let shutdown = async move {
+                shutdown.await;
+                let _ = stop_tx.send(());
+            };
+            router
+                .serve_with_incoming_shutdown(tls::accept(incoming, tls, stop), shutdown)
+                .await
+                .map_err(GatewayError::Serve)
+        }
     }
 }
