@@ -480,3 +480,74 @@ fn ca_rotation_keeps_the_tenant_served() {
     env.kubectl("rot", &["get", "ns", "default"])
         .expect("the new admin.conf works");
 }
+
+/// Tenants on PostgreSQL and on shared etcd (RBAC, per-tenant client certificates) run real
+/// control planes too: kubectl works with each one's admin.conf and a namespace written
+/// through one is not seen by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_shared_etcd_tenants_serve_kubectl() {
+    let etcd = kmetal_testkit::EtcdCluster::start(kmetal_testkit::EtcdOptions {
+        tls: true,
+        ..kmetal_testkit::EtcdOptions::default()
+    })
+    .await
+    .expect("etcd");
+    let pg = kmetal_testkit::PostgresServer::start(kmetal_testkit::PostgresOptions::default())
+        .expect("postgres");
+    let env = Env::new();
+    let version = pinned_version();
+    let dir = env.dir.path();
+    apply(
+        &env.state,
+        dir,
+        "etcd.yaml",
+        &common::operator::etcd_datastore(&etcd),
+    );
+    apply(
+        &env.state,
+        dir,
+        "pg.yaml",
+        &common::operator::pg_datastore(&pg),
+    );
+    let with_store = |yaml: String, store: &str| {
+        yaml.replace("dataStore: embedded", &format!("dataStore: {store}"))
+    };
+    let (pe, pp) = (free_port().expect("port"), free_port().expect("port"));
+    apply(
+        &env.state,
+        dir,
+        "e.yaml",
+        &with_store(
+            tenant_yaml("on-etcd", "127.0.84.6", pe, 1, &version),
+            "etcd-shared",
+        ),
+    );
+    apply(
+        &env.state,
+        dir,
+        "p.yaml",
+        &with_store(
+            tenant_yaml("on-pg", "127.0.84.7", pp, 1, &version),
+            "postgres-main",
+        ),
+    );
+    let _op = env.run();
+    tokio::task::block_in_place(|| {
+        env.wait_ready("on-etcd", Duration::from_secs(240));
+        env.wait_ready("on-pg", Duration::from_secs(240));
+        for (tenant, driver) in [("on-etcd", "etcd"), ("on-pg", "PostgreSQL")] {
+            assert_eq!(env.tenant(tenant)["status"]["storage"]["driver"], driver);
+            let ns = env
+                .kubectl(tenant, &["get", "ns", "-o", "name"])
+                .expect("kubectl");
+            assert!(ns.contains("namespace/kube-system"), "{tenant}: {ns}");
+        }
+        env.kubectl("on-etcd", &["create", "namespace", "only-on-etcd"])
+            .expect("namespace");
+        let other = env.kubectl("on-pg", &["get", "ns", "only-on-etcd"]);
+        assert!(
+            other.is_err(),
+            "a tenant sees another's namespace: {other:?}"
+        );
+    });
+}

@@ -6,10 +6,12 @@
 
 mod common;
 
+use base64::Engine;
+use common::operator::{b64, etcd_datastore, pg_datastore};
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use base64::Engine;
 use kmetal_testkit::{EtcdCluster, EtcdOptions, PostgresOptions, PostgresServer};
 use serde_json::Value;
 
@@ -163,10 +165,6 @@ fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["name"] == name)
         .unwrap_or_else(|| panic!("{name} missing from {rows:?}"))
-}
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 const SQLITE_DS: &str = r#"
@@ -456,78 +454,6 @@ impl EtcdTls {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     }
-}
-
-/// A shared etcd DataStore the way Kamaji declares one: TLS with the CA (and its key, to sign
-/// tenant client certificates), the operator's client certificate, and root's password.
-fn etcd_datastore(etcd: &EtcdCluster) -> String {
-    let host = etcd
-        .endpoint(0)
-        .expect("endpoint")
-        .trim_start_matches("https://")
-        .to_string();
-    let root = etcd
-        .client_cert("root")
-        .expect("cert")
-        .expect("tls cluster");
-    format!(
-        r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: etcd-certs, namespace: kamaji-system}}
-data: {{ca.crt: {}, ca.key: {}, tls.crt: {}, tls.key: {}, password: {}}}
----
-apiVersion: kamaji.clastix.io/v1alpha1
-kind: DataStore
-metadata: {{name: etcd-shared}}
-spec:
-  driver: etcd
-  endpoints: [{host}]
-  basicAuth:
-    username: {{content: {}}}
-    password:
-      secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: password}}
-  tlsConfig:
-    certificateAuthority:
-      certificate: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: ca.crt}}}}
-      privateKey: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: ca.key}}}}
-    clientCertificate:
-      certificate: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: tls.crt}}}}
-      privateKey: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: tls.key}}}}
-"#,
-        b64(etcd.ca_pem().expect("ca")),
-        b64(etcd.ca_key_pem().expect("ca key")),
-        b64(&root.cert),
-        b64(&root.key),
-        b64("root-secret"),
-        b64("root")
-    )
-}
-
-fn pg_datastore(pg: &PostgresServer) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: pg-admin, namespace: kamaji-system}}
-data: {{password: {}}}
----
-apiVersion: kamaji.clastix.io/v1alpha1
-kind: DataStore
-metadata: {{name: postgres-main}}
-spec:
-  driver: PostgreSQL
-  endpoints: ["{}:{}"]
-  basicAuth:
-    username: {{content: {}}}
-    password:
-      secretReference: {{name: pg-admin, namespace: kamaji-system, keyPath: password}}
-"#,
-        b64(pg.password()),
-        pg.host(),
-        pg.port(),
-        b64(pg.superuser())
-    )
 }
 
 /// Tenants on shared etcd (RBAC enabled by the operator) and on PostgreSQL reach Ready; a
