@@ -3,7 +3,9 @@
 //! resident memory per tenant (peak RSS at 1,000 tenants minus at 10, per tenant).
 //!
 //! Builds and runs the release operator (`examples/operator`) the way a user does:
-//! `apply -f` then `run --once`; only `run --once` is timed.
+//! `apply -f` then `run --once`; only `run --once` is timed. No control plane runs
+//! (`--runtime none`): this is the operator's own cost; `benches/control_plane.rs` measures
+//! tenants with real ones.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -48,7 +50,16 @@ fn run(op: &Path, n: usize) -> (f64, u64) {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/topologies/under-cluster.yaml");
     let started = Instant::now();
     let out = Command::new(op)
-        .args(["run", "--once", "--format", "json", "--state", &state])
+        .args([
+            "run",
+            "--once",
+            "--runtime",
+            "none",
+            "--format",
+            "json",
+            "--state",
+            &state,
+        ])
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--topology")

@@ -501,13 +501,13 @@ async fn postgres_and_shared_etcd_tenants_serve_kubectl() {
         &env.state,
         dir,
         "etcd.yaml",
-        &common::operator::etcd_datastore(&etcd),
+        &kmetal_testkit::manifests::etcd_datastore(&etcd).expect("a TLS cluster"),
     );
     apply(
         &env.state,
         dir,
         "pg.yaml",
-        &common::operator::pg_datastore(&pg),
+        &kmetal_testkit::manifests::pg_datastore(&pg),
     );
     let with_store = |yaml: String, store: &str| {
         yaml.replace("dataStore: embedded", &format!("dataStore: {store}"))

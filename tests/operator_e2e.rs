@@ -7,7 +7,7 @@
 mod common;
 
 use base64::Engine;
-use common::operator::{b64, etcd_datastore, pg_datastore};
+use kmetal_testkit::manifests::{b64, etcd_datastore, pg_datastore};
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -471,7 +471,7 @@ async fn etcd_and_postgres_tenants_migrate_and_clean_up() {
     let tls = EtcdTls::new(&etcd);
     let pg = PostgresServer::start(PostgresOptions::default()).expect("postgres");
     let env = Env::new();
-    env.apply("etcd.yaml", &etcd_datastore(&etcd));
+    env.apply("etcd.yaml", &etcd_datastore(&etcd).expect("a TLS cluster"));
     env.apply("pg.yaml", &pg_datastore(&pg));
     env.apply("e.yaml", &tenant("on-etcd", "etcd-shared", "v1.30.2", ""));
     env.apply("p.yaml", &tenant("on-pg", "postgres-main", "v1.30.2", ""));
@@ -654,7 +654,7 @@ async fn a_live_tenant_migrates_under_writes_without_losing_any() {
     .expect("etcd");
     let pg = PostgresServer::start(PostgresOptions::default()).expect("postgres");
     let env = Env::new();
-    env.apply("etcd.yaml", &etcd_datastore(&etcd));
+    env.apply("etcd.yaml", &etcd_datastore(&etcd).expect("a TLS cluster"));
     env.apply("pg.yaml", &pg_datastore(&pg));
     env.apply("t.yaml", &tenant("busy", "etcd-shared", "v1.30.2", ""));
     let log = std::fs::File::create(env.path("run.log")).expect("log");

@@ -25,6 +25,7 @@
 //!   (hang or reset) and byte counters.
 //! - [`netns`]: [`Netns`]: a worker host in its own network namespace, joined by a veth
 //!   pair, with addresses the host cannot reach.
+//! - [`manifests`]: Kamaji DataStore manifests (with their Secrets) for the servers above.
 //! - [`tls`]: a throwaway CA issuing server and client certificates for tests.
 //! - [`ports`]: free loopback ports.
 //! - [`conformance`]: the datastore conformance suite, run against every driver.
@@ -35,6 +36,7 @@ pub mod k8s_storage;
 pub mod kine;
 pub mod konnectivity;
 pub mod kube;
+pub mod manifests;
 pub mod netns;
 pub mod ports;
 pub mod postgres;

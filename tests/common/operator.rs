@@ -5,8 +5,6 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use kmetal_testkit::{EtcdCluster, PostgresServer};
 use serde_json::Value;
 
 /// A long-running operator: SIGTERM on drop (it stops the control planes it runs), SIGKILL
@@ -98,82 +96,4 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     f()
-}
-
-/// Standard base64, as Secret data holds it.
-pub fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A shared etcd DataStore the way Kamaji declares one: TLS with the CA (and its key, to sign
-/// tenant client certificates), the operator's client certificate, and root's password.
-pub fn etcd_datastore(etcd: &EtcdCluster) -> String {
-    let host = etcd
-        .endpoint(0)
-        .expect("endpoint")
-        .trim_start_matches("https://")
-        .to_string();
-    let root = etcd
-        .client_cert("root")
-        .expect("cert")
-        .expect("tls cluster");
-    format!(
-        r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: etcd-certs, namespace: kamaji-system}}
-data: {{ca.crt: {}, ca.key: {}, tls.crt: {}, tls.key: {}, password: {}}}
----
-apiVersion: kamaji.clastix.io/v1alpha1
-kind: DataStore
-metadata: {{name: etcd-shared}}
-spec:
-  driver: etcd
-  endpoints: [{host}]
-  basicAuth:
-    username: {{content: {}}}
-    password:
-      secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: password}}
-  tlsConfig:
-    certificateAuthority:
-      certificate: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: ca.crt}}}}
-      privateKey: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: ca.key}}}}
-    clientCertificate:
-      certificate: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: tls.crt}}}}
-      privateKey: {{secretReference: {{name: etcd-certs, namespace: kamaji-system, keyPath: tls.key}}}}
-"#,
-        b64(etcd.ca_pem().expect("ca")),
-        b64(etcd.ca_key_pem().expect("ca key")),
-        b64(&root.cert),
-        b64(&root.key),
-        b64("root-secret"),
-        b64("root")
-    )
-}
-
-/// A PostgreSQL DataStore on `pg`, its superuser's password in a Secret.
-pub fn pg_datastore(pg: &PostgresServer) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: pg-admin, namespace: kamaji-system}}
-data: {{password: {}}}
----
-apiVersion: kamaji.clastix.io/v1alpha1
-kind: DataStore
-metadata: {{name: postgres-main}}
-spec:
-  driver: PostgreSQL
-  endpoints: ["{}:{}"]
-  basicAuth:
-    username: {{content: {}}}
-    password:
-      secretReference: {{name: pg-admin, namespace: kamaji-system, keyPath: password}}
-"#,
-        b64(pg.password()),
-        pg.host(),
-        pg.port(),
-        b64(pg.superuser())
-    )
 }

@@ -1,0 +1,325 @@
+//! Tenants with real control planes (kube-apiserver, controller-manager, scheduler from
+//! `scripts/peers.sh`), run by the release operator (`examples/operator run`) the way a user
+//! runs it, against the same kube-apiserver started by hand on etcd (what a kubeadm-style
+//! control plane costs on this machine) in the same run:
+//!
+//! - time from `apply` to the first successful `kubectl get ns` with the tenant's admin.conf,
+//!   per driver (SQLite, PostgreSQL, shared etcd), against the bare api-server's start to its
+//!   first `kubectl get ns` (target: ≤ 5 s on SQLite);
+//! - memory per running tenant (RSS of its processes), how many this machine holds, and the
+//!   operator's own RSS per tenant (Kamaji publishes about 6 MiB and 12 mCPU of operator
+//!   overhead per tenant);
+//! - the operator's overhead over a batch of real tenants: time to all Ready, its RSS.
+//!
+//! `cargo bench --bench control_plane`; `cargo test --benches` runs it small.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kmetal_testkit::kube::{ApiserverOptions, KubeApiserver};
+use kmetal_testkit::ports::free_port;
+use kmetal_testkit::{EtcdCluster, EtcdOptions, PostgresOptions, PostgresServer};
+
+/// The operator, stopped with SIGTERM (it stops the control planes it runs).
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Env {
+    op: PathBuf,
+    dir: tempfile::TempDir,
+    state: String,
+}
+
+impl Env {
+    fn apply(&self, name: &str, yaml: &str) {
+        let file = self.dir.path().join(name);
+        std::fs::write(&file, yaml).unwrap();
+        let out = Command::new(&self.op)
+            .args(["apply", "-f"])
+            .arg(&file)
+            .args(["--state", &self.state])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn run(&self) -> Operator {
+        let log = std::fs::File::create(self.dir.path().join("operator.log")).unwrap();
+        Operator(
+            Command::new(&self.op)
+                .args(["run", "--state", &self.state, "--workers", "8"])
+                .arg("--state-dir")
+                .arg(self.dir.path().join("state"))
+                .arg("--out")
+                .arg(self.dir.path().join("out"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn admin_conf(&self, tenant: &str) -> PathBuf {
+        self.dir.path().join("out").join(tenant).join("admin.conf")
+    }
+
+    fn pids(&self, tenant: &str) -> Vec<u32> {
+        let run = self
+            .dir
+            .path()
+            .join("state/control-planes/tenants")
+            .join(tenant)
+            .join("run");
+        std::fs::read_dir(run)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn tenant_yaml(name: &str, store: &str, address: &str, version: &str) -> String {
+    format!(
+        "apiVersion: kamaji.clastix.io/v1alpha1\nkind: TenantControlPlane\n\
+         metadata: {{name: {name}, namespace: tenants}}\n\
+         spec:\n  dataStore: {store}\n  controlPlane: {{deployment: {{replicas: 1}}, service: {{serviceType: ClusterIP}}}}\n  \
+         kubernetes: {{version: {version}}}\n  networkProfile: {{address: {address}, port: {}}}\n",
+        free_port().unwrap()
+    )
+}
+
+fn kubectl_ok(kubectl: &Path, conf: &Path) -> bool {
+    conf.exists()
+        && Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(conf)
+            .args(["get", "ns", "--request-timeout", "5s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// Polls kubectl with `conf` every 50 ms; the seconds until it first succeeds.
+fn until_kubectl(kubectl: &Path, conf: &Path, started: Instant) -> f64 {
+    let end = started + Duration::from_secs(300);
+    while !kubectl_ok(kubectl, conf) {
+        assert!(
+            Instant::now() < end,
+            "no kubectl success with {}",
+            conf.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Resident memory of `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    kmetal_testkit::process::cpu_time(pid).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn mem_total_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let quick = common::quick();
+    let rounds = if quick { 1 } else { 3 };
+    let batch = if quick { 2 } else { 12 };
+    let rt = common::runtime();
+    let kubectl = kmetal_testkit::process::peer_binary("kubectl").unwrap();
+    let version = {
+        let api = kmetal_testkit::process::peer_binary("kube-apiserver").unwrap();
+        let out = Command::new(api).arg("--version").output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let etcd = rt
+        .block_on(EtcdCluster::start(EtcdOptions {
+            tls: true,
+            ..EtcdOptions::default()
+        }))
+        .unwrap();
+    let plain_etcd = rt
+        .block_on(EtcdCluster::start(EtcdOptions::default()))
+        .unwrap();
+    let pg = PostgresServer::start(PostgresOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        op: common::example("operator", quick),
+        state: format!("sqlite://{}/m.db", dir.path().display()),
+        dir,
+    };
+    env.apply(
+        "ds.yaml",
+        &format!(
+            "apiVersion: kamaji.clastix.io/v1alpha1\nkind: DataStore\nmetadata: {{name: embedded}}\n\
+             spec: {{driver: SQLite, endpoints: [\"{}\"]}}\n",
+            env.dir.path().join("slices").display()
+        ),
+    );
+    env.apply(
+        "etcd.yaml",
+        &kmetal_testkit::manifests::etcd_datastore(&etcd).expect("a TLS cluster"),
+    );
+    env.apply("pg.yaml", &kmetal_testkit::manifests::pg_datastore(&pg));
+    let operator = env.run();
+    let op_pid = operator.0.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let op_rss_idle = rss_kib(op_pid);
+
+    // Rounds interleave the drivers and the bare api-server, so drift hits all alike.
+    let drivers = [
+        ("SQLite", "embedded"),
+        ("PostgreSQL", "postgres-main"),
+        ("etcd", "etcd-shared"),
+    ];
+    let mut ours: Vec<Vec<f64>> = vec![Vec::new(); drivers.len()];
+    let mut peer = Vec::new();
+    let mut tenants = Vec::new();
+    let mut address = 0u8;
+    for round in 0..rounds {
+        for (i, (driver, store)) in drivers.iter().enumerate() {
+            address += 1;
+            let name = format!("{}-{round}", driver.to_lowercase());
+            let started = Instant::now();
+            env.apply(
+                &format!("{name}.yaml"),
+                &tenant_yaml(&name, store, &format!("127.0.86.{address}"), &version),
+            );
+            ours[i].push(until_kubectl(&kubectl, &env.admin_conf(&name), started));
+            tenants.push(name);
+        }
+        let started = Instant::now();
+        let api = rt
+            .block_on(KubeApiserver::start(ApiserverOptions::new(
+                plain_etcd.endpoints(),
+            )))
+            .unwrap();
+        peer.push(until_kubectl(&kubectl, &api.admin_kubeconfig(), started));
+        drop(api);
+    }
+    let bare = median(peer.clone());
+    println!(
+        "apply -> first `kubectl get ns`, median of {rounds} (bare kube-apiserver on etcd: start -> first kubectl):"
+    );
+    println!("  bare kube-apiserver (peer)  {bare:6.2} s");
+    for (i, (driver, _)) in drivers.iter().enumerate() {
+        let t = median(ours[i].clone());
+        let target = if *driver == "SQLite" {
+            format!(
+                "   target <= 5 s: {}",
+                if t <= 5.0 { "met" } else { "MISSED" }
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  kmetal tenant on {driver:<10} {t:6.2} s  = {:.2}x the bare api-server{target}",
+            t / bare
+        );
+    }
+
+    // Memory per running tenant: its processes, after Ready.
+    std::thread::sleep(Duration::from_secs(5));
+    let per_tenant: Vec<u64> = tenants
+        .iter()
+        .map(|t| env.pids(t).into_iter().map(rss_kib).sum())
+        .collect();
+    let tenant_rss = median(per_tenant.iter().map(|k| *k as f64).collect());
+    let op_rss = rss_kib(op_pid);
+    let op_per_tenant = op_rss.saturating_sub(op_rss_idle) as f64 / tenants.len() as f64;
+    let holds = mem_total_kib() as f64 / tenant_rss;
+    println!(
+        "memory with {} running tenants (1 api-server replica each):",
+        tenants.len()
+    );
+    println!(
+        "  per tenant (api-server + controller-manager + scheduler RSS): {:.0} MiB -> this machine ({} GiB) holds about {holds:.0}",
+        tenant_rss / 1024.0,
+        mem_total_kib() / 1024 / 1024
+    );
+    println!(
+        "  operator: {} MiB idle, {} MiB now: {:.1} MiB per tenant (Kamaji publishes ~6 MiB) = {:.2}x Kamaji's",
+        op_rss_idle / 1024,
+        op_rss / 1024,
+        op_per_tenant / 1024.0,
+        op_per_tenant / 1024.0 / 6.0
+    );
+
+    // A batch of real tenants at once: time to all answering, the operator's RSS and CPU.
+    let cpu_before = cpu_seconds(op_pid);
+    let started = Instant::now();
+    let mut batch_names = Vec::new();
+    for i in 0..batch {
+        let name = format!("batch-{i}");
+        env.apply(
+            &format!("{name}.yaml"),
+            &tenant_yaml(&name, "embedded", &format!("127.0.87.{}", i + 1), &version),
+        );
+        batch_names.push(name);
+    }
+    for name in &batch_names {
+        until_kubectl(&kubectl, &env.admin_conf(name), started);
+    }
+    let took = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(op_pid) - cpu_before;
+    println!(
+        "{batch} more SQLite tenants applied at once: all answer kubectl in {took:.1} s; operator CPU {:.0} ms per tenant, RSS {} MiB with {} tenants",
+        cpu * 1e3 / batch as f64,
+        rss_kib(op_pid) / 1024,
+        tenants.len() + batch
+    );
+    drop(operator);
+}
