@@ -79,8 +79,13 @@ impl Env {
     }
 
     fn run(&self) -> Op {
+        self.run_with(&[])
+    }
+
+    fn run_with(&self, args: &[&str]) -> Op {
         let log = std::fs::File::create(self.path("operator.log")).expect("log");
         let child = operator(&self.state, &["run"])
+            .args(args)
             .arg("--state-dir")
             .arg(self.path("state"))
             .arg("--out")
@@ -550,4 +555,86 @@ async fn postgres_and_shared_etcd_tenants_serve_kubectl() {
             "a tenant sees another's namespace: {other:?}"
         );
     });
+}
+
+/// Pattern C: a worker in its own network namespace runs the kmetal agent, dialing out to
+/// its tenant's Konnectivity server, and a kubelet stand-in the host cannot reach; the
+/// tenant's real api-server reaches it through the tunnel for `kubectl get --raw
+/// /api/v1/nodes/<node>/proxy/<path>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_proxy_reaches_a_worker_through_the_tenants_tunnel() {
+    use common::worker::{KUBELET_PORT, NODE, Worker};
+    let worker = Worker::start().await;
+    worker.assert_unreachable_from_host();
+    let host_ip = worker.netns.host_ip();
+    let env = Env::new();
+    let port = free_port().expect("port");
+    let yaml = tenant_yaml("edge", "127.0.84.8", port, 1, &pinned_version()).replace(
+        &format!("port: {port}}}"),
+        &format!("port: {port}, certSANs: [\"{host_ip}\"]}}"),
+    );
+    apply(&env.state, env.dir.path(), "edge.yaml", &yaml);
+    let _op = env.run_with(&["--konnectivity-listen", &host_ip.to_string()]);
+    tokio::task::block_in_place(|| env.wait_ready("edge", Duration::from_secs(240)));
+    let konnectivity = condition(&env.tenant("edge"), "KonnectivityReady")
+        .and_then(|c| c["message"].as_str())
+        .and_then(|m| m.strip_prefix("agents connect to "))
+        .expect("the agents' address")
+        .to_string();
+    let _agent = common::operator::Op(
+        worker
+            .netns
+            .command(common::example("tunnel").get_program())
+            .args(["agent", "--server", &konnectivity, "--identity"])
+            .arg(format!("host={NODE}"))
+            .arg("--pki")
+            .arg(env.path("out/edge"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}});
+    let file = env.path("node.json");
+    std::fs::write(&file, node.to_string()).expect("node");
+    env.kubectl("edge", &["create", "-f", &file.display().to_string()])
+        .expect("node");
+    let status = serde_json::json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": worker.address.to_string()}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
+    }});
+    env.kubectl(
+        "edge",
+        &[
+            "patch",
+            "node",
+            NODE,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+    )
+    .expect("node status");
+    let path = format!("/api/v1/nodes/{NODE}/proxy/page.txt");
+    let mut last = String::new();
+    let reached = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(60), || {
+            match env.kubectl("edge", &["get", "--raw", &path]) {
+                Ok(body) => {
+                    last = body.clone();
+                    body.trim() == worker.token
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            }
+        })
+    });
+    assert!(
+        reached,
+        "no page through the tunnel: {last}\n{}",
+        env.logs("edge")
+    );
 }

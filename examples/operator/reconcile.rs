@@ -41,6 +41,8 @@ pub struct Settings {
     pub default_datastore: String,
     /// Renewal policy for tenant certificates.
     pub renewal: RenewalPolicy,
+    /// The address each tenant's Konnectivity server takes agents on (port chosen per tenant).
+    pub konnectivity_bind: std::net::IpAddr,
     /// What runs the tenants' control planes (`None`: nothing here does; see `--runtime`).
     pub runtime: Option<Arc<dyn ControlPlaneRuntime>>,
 }
@@ -565,7 +567,7 @@ impl Reconciler {
         }
         self.stop_tunnel(key);
         let agent_tls = tls::agent_listener(bundle).map_err(|e| kmetal::Report(&e).to_string())?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((self.settings.konnectivity_bind, 0))
             .await
             .map_err(|e| format!("binding the agent listener: {}", kmetal::Report(&e)))?;
         let agent_addr = listener

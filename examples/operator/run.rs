@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// repository's peers/bin (built by scripts/peers.sh).
     #[arg(long = "kubernetes-bin")]
     kubernetes_bin: Vec<PathBuf>,
+    /// The address tenants' Konnectivity servers take agents on (workers must reach it and
+    /// it must be among the tenants' certSANs unless it is their address).
+    #[arg(long, default_value = "127.0.0.1")]
+    konnectivity_listen: std::net::IpAddr,
 }
 
 /// `--runtime`.
@@ -168,6 +172,7 @@ async fn reconciler(
         default_datastore: args.default_datastore.clone(),
         renewal: RenewalPolicy::default(),
         runtime: control_plane_runtime(args)?,
+        konnectivity_bind: args.konnectivity_listen,
     };
     Ok((Arc::new(Reconciler::new(writer, settings, registry)), store))
 }
@@ -620,6 +625,7 @@ pub async fn demo(exit: bool) -> Result<u8, String> {
         lease_ttl: 10,
         runtime: RuntimeKind::Process,
         kubernetes_bin: Vec::new(),
+        konnectivity_listen: std::net::Ipv4Addr::LOCALHOST.into(),
     };
     let started = Instant::now();
     let (r, store) = reconciler(&args, None, false).await?;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod operator;
+pub mod worker;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
