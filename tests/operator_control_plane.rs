@@ -638,3 +638,42 @@ async fn node_proxy_reaches_a_worker_through_the_tenants_tunnel() {
         env.logs("edge")
     );
 }
+
+/// An operator killed outright (SIGKILL: no shutdown) leaves its tenants' processes running;
+/// the next operator adopts them (same pids, no restart) and the tenant answers again as
+/// soon as its address is served.
+#[test]
+fn a_killed_operator_is_succeeded_without_restarting_the_control_plane() {
+    let env = Env::new();
+    let port = free_port().expect("port");
+    apply(
+        &env.state,
+        env.dir.path(),
+        "k.yaml",
+        &tenant_yaml("kept", "127.0.84.10", port, 1, &pinned_version()),
+    );
+    let first = env.run();
+    env.wait_ready("kept", Duration::from_secs(240));
+    let pids = env.pids("kept");
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let apiserver = env.pid("kept", "kube-apiserver-0").expect("pid");
+    first.kill();
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the control plane outlives a crashed operator"
+    );
+
+    let _second = env.run();
+    let served = wait_until(Duration::from_secs(60), || {
+        env.kubectl("kept", &["get", "ns", "default"]).is_ok()
+    });
+    assert!(served, "{}", env.logs("kept"));
+    env.wait_ready("kept", Duration::from_secs(60));
+    // The controllers may have exited meanwhile by themselves (they do when they cannot
+    // renew their Lease while nothing serves the tenant's address); the api-server did not.
+    assert_eq!(
+        env.pid("kept", "kube-apiserver-0"),
+        Some(apiserver),
+        "the api-server was adopted, not restarted"
+    );
+}

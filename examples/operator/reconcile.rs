@@ -666,9 +666,7 @@ impl Reconciler {
             .await
             .map_err(|e| kmetal::Report(&e).to_string())?;
         let live = Arc::new(MigratableStore::new(backend));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| format!("binding the datastore endpoint: {}", kmetal::Report(&e)))?;
+        let listener = self.endpoint_listener(key).await?;
         let addr = listener
             .local_addr()
             .map_err(|e| kmetal::Report(&e).to_string())?;
@@ -698,6 +696,30 @@ impl Reconciler {
             },
         );
         Ok((addr, live))
+    }
+
+    /// The listener of `key`'s etcd endpoint: on the address it had before (kept under the
+    /// state dir), so api-servers that outlived an operator restart find it again and are
+    /// adopted unchanged; a free port the first time or when that one is taken.
+    async fn endpoint_listener(&self, key: &ObjectKey) -> Result<tokio::net::TcpListener, String> {
+        let dir = self.settings.state_dir.join("endpoints");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ns = key.namespace.as_deref().unwrap_or("default");
+        let file = dir.join(format!("{ns}_{}.addr", key.name));
+        let before: Option<SocketAddr> = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        if let Some(addr) = before
+            && let Ok(l) = tokio::net::TcpListener::bind(addr).await
+        {
+            return Ok(l);
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("binding the datastore endpoint: {}", kmetal::Report(&e)))?;
+        let addr = l.local_addr().map_err(|e| kmetal::Report(&e).to_string())?;
+        std::fs::write(&file, addr.to_string()).map_err(|e| format!("{}: {e}", file.display()))?;
+        Ok(l)
     }
 
     async fn stop_gateway(&self, key: &ObjectKey) {

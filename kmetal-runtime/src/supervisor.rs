@@ -250,6 +250,13 @@ async fn supervise(
     let mut restarts = 0u32;
     let mut delay = backoff.initial;
     let mut adopt = spec.pidfile.as_deref().and_then(|p| adoptable(p, &spec));
+    if adopt.is_none()
+        && let Some(pidfile) = &spec.pidfile
+    {
+        // Ours from an earlier run with another command line (a new etcd address, a new
+        // version): it holds the replica's address, so it goes before the new one starts.
+        stop_stale(pidfile, Duration::from_secs(10)).await;
+    }
     loop {
         let _ = state.send(ProcessState::Starting);
         let (mut running, adopted) = match adopt.take() {
@@ -375,13 +382,45 @@ fn adoptable(pidfile: &Path, spec: &ProcessSpec) -> Option<u32> {
     (cmdline == want && alive(pid)).then_some(pid)
 }
 
+/// Stops the process `pidfile` names if its command line mentions the pid file's folder
+/// (which only our processes name: their scratch dirs live there).
+async fn stop_stale(pidfile: &Path, grace: Duration) {
+    let Some(run_dir) = pidfile.parent() else {
+        return;
+    };
+    let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    if names(pid, run_dir) {
+        tracing::info!(pid, pidfile = %pidfile.display(), "stopping a process left with another command line");
+        signal(pid, rustix::process::Signal::TERM);
+        let end = Instant::now() + grace;
+        while alive(pid) && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if alive(pid) {
+            signal(pid, rustix::process::Signal::KILL);
+        }
+    }
+    let _ = std::fs::remove_file(pidfile);
+}
+
+/// Whether `pid` runs with `owner` somewhere in its command line.
+fn names(pid: u32, owner: &Path) -> bool {
+    let owner = owner.as_os_str().as_encoded_bytes();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    alive(pid) && !owner.is_empty() && cmdline.windows(owner.len()).any(|w| w == owner)
+}
+
 /// Stops the processes named by the `*.pid` files in `run_dir` whose command line mentions
 /// `owner` (a folder only our processes name): SIGTERM, SIGKILL after `grace`.
 pub async fn stop_orphans(run_dir: &Path, owner: &Path, grace: Duration) {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return;
     };
-    let owner = owner.as_os_str().as_encoded_bytes();
     let mut pids = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
@@ -394,8 +433,7 @@ pub async fn stop_orphans(run_dir: &Path, owner: &Path, grace: Duration) {
         else {
             continue;
         };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if alive(pid) && cmdline.windows(owner.len()).any(|w| w == owner) {
+        if names(pid, owner) {
             signal(pid, rustix::process::Signal::TERM);
             pids.push(pid);
         }
@@ -499,7 +537,12 @@ mod tests {
     #[tokio::test]
     async fn a_second_supervisor_adopts_the_running_process() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spec = sh("exec sleep 60", dir.path());
+        // A command line that stays what it was started as (a shell's `exec` would change it).
+        let spec = ProcessSpec {
+            binary: "/bin/sleep".into(),
+            args: vec!["60".into()],
+            ..sh("", dir.path())
+        };
         // Left running by a runtime that was killed: not our child, its pid in the file.
         let orphan = std::process::Command::new(&spec.binary)
             .args(&spec.args)
@@ -518,6 +561,34 @@ mod tests {
         let mut orphan = orphan;
         let _ = orphan.wait();
         assert!(!alive(pid));
+    }
+
+    #[tokio::test]
+    async fn a_process_left_with_another_command_line_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // An earlier run's process: ours (it names the run folder) but started differently.
+        let old_binary = dir.path().join("sleep");
+        std::os::unix::fs::symlink("/bin/sleep", &old_binary).expect("symlink");
+        let mut orphan = std::process::Command::new(&old_binary)
+            .arg("60")
+            .spawn()
+            .expect("spawn");
+        std::fs::write(dir.path().join("pid"), orphan.id().to_string()).expect("pid file");
+        let spec = ProcessSpec {
+            binary: "/bin/sleep".into(),
+            args: vec!["61".into()],
+            ..sh("", dir.path())
+        };
+        let s = Supervisor::start(spec, Backoff::default());
+        let mut rx = s.watch();
+        until(&mut rx, |st| st.pid().is_some()).await;
+        let _ = orphan.wait();
+        assert!(!alive(orphan.id()), "the old process was stopped");
+        assert!(matches!(
+            s.state(),
+            ProcessState::Running { adopted: false, .. }
+        ));
+        s.stop(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]
