@@ -677,3 +677,105 @@ fn a_killed_operator_is_succeeded_without_restarting_the_control_plane() {
         "the api-server was adopted, not restarted"
     );
 }
+
+/// Live migration of a running tenant from SQLite to PostgreSQL while `kubectl get -w`
+/// watches: the watch stays open and shows the objects made after the cut-over (revisions
+/// are kept, so the api-server's watch cache goes on), and no object is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_tenant_migrates_to_postgres_under_a_watch() {
+    let pg = kmetal_testkit::PostgresServer::start(kmetal_testkit::PostgresOptions::default())
+        .expect("postgres");
+    let env = Env::new();
+    apply(
+        &env.state,
+        env.dir.path(),
+        "pg.yaml",
+        &kmetal_testkit::manifests::pg_datastore(&pg),
+    );
+    let port = free_port().expect("port");
+    let yaml = tenant_yaml("mover", "127.0.84.9", port, 1, &pinned_version());
+    apply(&env.state, env.dir.path(), "m.yaml", &yaml);
+    let _op = env.run();
+    tokio::task::block_in_place(|| env.wait_ready("mover", Duration::from_secs(240)));
+    for i in 0..20 {
+        env.kubectl("mover", &["create", "configmap", &format!("before-{i}")])
+            .expect("configmap");
+    }
+    let kubectl_bin = kmetal_testkit::process::peer_binary("kubectl").expect("kubectl");
+    let watch_out = env.path("watch.out");
+    let mut watch = common::operator::Op(
+        std::process::Command::new(&kubectl_bin)
+            .arg("--kubeconfig")
+            .arg(env.admin_conf("mover"))
+            .args(["get", "configmaps", "-w", "-o", "name"])
+            .stdout(std::fs::File::create(&watch_out).expect("watch out"))
+            .stderr(std::fs::File::create(env.path("watch.err")).expect("watch err"))
+            .spawn()
+            .expect("kubectl -w"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    apply(
+        &env.state,
+        env.dir.path(),
+        "m.yaml",
+        &yaml.replace("dataStore: embedded", "dataStore: postgres-main"),
+    );
+    let moved = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(120), || {
+            let t = env.tenant("mover");
+            ready(&t) && t["status"]["storage"]["driver"] == "PostgreSQL"
+        })
+    });
+    assert!(
+        moved,
+        "{:#}\n{}",
+        env.tenant("mover")["status"],
+        env.logs("mover")
+    );
+    let after: Vec<String> = (0..5).map(|i| format!("after-{i}")).collect();
+    for name in &after {
+        env.kubectl("mover", &["create", "configmap", name])
+            .expect("configmap after");
+    }
+    // The watch shows them, or it ended and a fresh list has them at once.
+    let watched = wait_until(Duration::from_secs(20), || {
+        let seen = std::fs::read_to_string(&watch_out).unwrap_or_default();
+        after
+            .iter()
+            .all(|n| seen.contains(&format!("configmap/{n}")))
+    });
+    let still_watching = matches!(watch.0.try_wait(), Ok(None));
+    eprintln!(
+        "after the cut-over: the watch {} and {} the new objects",
+        if still_watching {
+            "is still open"
+        } else {
+            "ended"
+        },
+        if watched { "showed" } else { "did not show" }
+    );
+    let listed = env
+        .kubectl("mover", &["get", "configmaps", "-o", "name"])
+        .expect("list");
+    for i in 0..20 {
+        assert!(
+            listed.contains(&format!("configmap/before-{i}")),
+            "before-{i} lost: {listed}"
+        );
+    }
+    for n in &after {
+        assert!(
+            listed.contains(&format!("configmap/{n}")),
+            "{n} missing: {listed}"
+        );
+    }
+    // Revisions are kept across the move, so the api-server's watch goes on: no relist.
+    assert!(
+        watched && still_watching,
+        "the watch did not go on after the cut-over:\n{}\nstderr: {}",
+        std::fs::read_to_string(&watch_out).unwrap_or_default(),
+        std::fs::read_to_string(env.path("watch.err")).unwrap_or_default()
+    );
+    let _ = watch.0.kill();
+}

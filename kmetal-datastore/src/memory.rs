@@ -56,6 +56,13 @@ struct Watcher {
     tx: mpsc::UnboundedSender<Result<WatchBatch>>,
 }
 
+/// An import was asked of a store that already has keys or writes.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot import into a store that is already at revision {revision}")]
+struct ImportIntoUsedStore {
+    revision: Revision,
+}
+
 #[derive(Default)]
 struct State {
     revision: Revision,
@@ -629,6 +636,44 @@ impl Datastore for MemoryStore {
 
     async fn compact(&self, revision: Revision) -> Result<CompactResponse> {
         self.state().compact(revision)
+    }
+
+    async fn import(&self, kvs: &[KeyValue], revision: Revision) -> Result<bool> {
+        let quota = self.shared.limits.quota_backend_bytes;
+        let size: u64 = kvs.iter().map(|kv| entry_size(&kv.key, &kv.value)).sum();
+        let mut s = self.state();
+        if s.db_size + size > quota {
+            return Err(DatastoreError::QuotaExceeded {
+                used: s.db_size,
+                quota,
+            });
+        }
+        if s.revision > 1 || !s.keys.is_empty() || revision < s.revision {
+            return Err(DatastoreError::Backend {
+                source: Box::new(ImportIntoUsedStore {
+                    revision: s.revision,
+                }),
+            });
+        }
+        for kv in kvs {
+            s.db_size += entry_size(&kv.key, &kv.value);
+            if kv.lease != 0
+                && let Some(l) = s.leases.get_mut(&kv.lease)
+            {
+                l.keys.insert(kv.key.clone());
+            }
+            s.keys.insert(
+                kv.key.clone(),
+                vec![Entry {
+                    rev: kv.mod_revision,
+                    kv: Some(kv.clone()),
+                }],
+            );
+        }
+        // History below the imported revision is not there: reads and watches of it say so.
+        s.revision = revision;
+        s.compacted = revision;
+        Ok(true)
     }
 
     async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {

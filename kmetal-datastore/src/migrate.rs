@@ -5,6 +5,13 @@
 //! verifies key count and content hash, switches the store over to the target, and unfreezes.
 //! If anything fails before the switch, the store still serves the untouched source.
 //!
+//! Into a target that imports ([`Datastore::import`]: the SQL stores, memory) every key keeps
+//! its create/mod revision and version and the target continues at the source's revision, so
+//! clients see the same resourceVersions; watches opened before the switch move to the
+//! target and go on from the next revision, without a gap or a duplicate. Into one that
+//! chooses its own revisions (etcd) those watches end with etcd's compacted error, so
+//! clients relist; the report says which happened.
+//!
 //! ```
 //! # block_on(async {
 //! use std::sync::Arc;
@@ -26,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::RwLock;
+use tokio::sync::{RwLock, mpsc, watch};
 
 use crate::backup::{all_keys, content_hash, copy_keys};
 use crate::error::{DatastoreError, Result};
@@ -51,6 +58,18 @@ pub struct MigratableStore {
     /// Writes hold it shared; a migration holds it exclusively.
     gate: RwLock<()>,
     freeze_timeout: Duration,
+    /// The last switch, for the watches opened before it.
+    switched: watch::Sender<Option<Switch>>,
+}
+
+/// A switch from one backend to another, as the watches see it.
+#[derive(Clone)]
+struct Switch {
+    target: Arc<dyn Datastore>,
+    /// The source's revision when writes froze: every event up to it came from the source.
+    revision: Revision,
+    /// Whether the target continues the source's revisions.
+    continuous: bool,
 }
 
 impl std::fmt::Debug for MigratableStore {
@@ -72,6 +91,7 @@ impl MigratableStore {
             backend: RwLock::new(backend),
             gate: RwLock::new(()),
             freeze_timeout,
+            switched: watch::channel(None).0,
         }
     }
 
@@ -113,7 +133,14 @@ impl Datastore for MigratableStore {
         self.backend().await.compact(revision).await
     }
     async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {
-        self.backend().await.watch(req).await
+        // Subscribed before the backend is read: a switch in between is seen, not missed.
+        let mut switches = self.switched.subscribe();
+        switches.mark_unchanged();
+        let backend = self.backend().await;
+        let inner = backend.watch(req.clone()).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(follow(inner, backend, req, switches, tx));
+        Ok(WatchStream::new(rx, AbortOnDrop(task)))
     }
     async fn lease_grant(&self, ttl: i64, id: LeaseId) -> Result<LeaseGrant> {
         let _open = self.write_gate().await?;
@@ -137,6 +164,120 @@ impl Datastore for MigratableStore {
     }
     async fn status(&self) -> Result<Status> {
         self.backend().await.status().await
+    }
+    async fn import(&self, kvs: &[KeyValue], revision: Revision) -> Result<bool> {
+        let _open = self.write_gate().await?;
+        self.backend().await.import(kvs, revision).await
+    }
+}
+
+/// Ends a watch's forwarding task with its stream.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Forwards one watch from the backend it was opened on, and across every switch: drains
+/// what the old backend had for it up to the switch, then goes on from the target at the
+/// next revision, or ends with etcd's compacted error when the target's revisions differ.
+async fn follow(
+    mut stream: WatchStream,
+    mut on: Arc<dyn Datastore>,
+    req: WatchRequest,
+    mut switches: watch::Receiver<Option<Switch>>,
+    tx: mpsc::UnboundedSender<Result<crate::model::WatchBatch>>,
+) {
+    let mut open = true;
+    loop {
+        tokio::select! {
+            batch = stream.next(), if open => match batch {
+                Some(Ok(batch)) => {
+                    if tx.send(Ok(batch)).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                // The old backend went away; the switch that replaced it comes next.
+                None => open = false,
+            },
+            changed = switches.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let Some(switch) = switches.borrow_and_update().clone() else {
+                    continue;
+                };
+                if same(&on, &switch.target) {
+                    // Opened on the target already (the switch came as it was opened).
+                    continue;
+                }
+                if open {
+                    drain(&mut stream, on.as_ref(), switch.revision, &tx).await;
+                }
+                if !switch.continuous {
+                    let current = switch.target.status().await.map_or(0, |s| s.revision);
+                    let _ = tx.send(Err(DatastoreError::Compacted {
+                        requested: switch.revision + 1,
+                        compacted: current,
+                    }));
+                    return;
+                }
+                let mut next = req.clone();
+                next.start_revision = req.start_revision.max(switch.revision + 1);
+                match switch.target.watch(next).await {
+                    Ok(s) => {
+                        stream = s;
+                        on = switch.target;
+                        open = true;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether two handles are the same store.
+fn same(a: &Arc<dyn Datastore>, b: &Arc<dyn Datastore>) -> bool {
+    std::ptr::eq(Arc::as_ptr(a).cast::<()>(), Arc::as_ptr(b).cast::<()>())
+}
+
+/// Forwards what the old backend holds for this watch up to `revision` (the switch's).
+async fn drain(
+    stream: &mut WatchStream,
+    source: &dyn Datastore,
+    revision: Revision,
+    tx: &mpsc::UnboundedSender<Result<crate::model::WatchBatch>>,
+) {
+    // Everything up to the switch has been handed to the watches once the source says so
+    // (writes are frozen, so it gets there); a source that cannot tell gets a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match source.watch_dispatched().await {
+            Some(r) if r >= revision => break,
+            None => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                break;
+            }
+            _ if Instant::now() > deadline => break,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    while let Some(batch) = stream.try_next() {
+        let end = batch.is_err();
+        let _ = tx.send(batch);
+        if end {
+            return;
+        }
     }
 }
 
@@ -208,6 +349,9 @@ pub struct MigrationReport {
     pub content_hash: String,
     /// How long writes were frozen.
     pub frozen_for: Duration,
+    /// Whether the target kept every revision (open watches went on from it) or chose its
+    /// own (open watches ended with the compacted error; clients relist).
+    pub revisions_kept: bool,
 }
 
 /// Migrates `store` to `target` (which must be empty) and switches it over.
@@ -247,16 +391,33 @@ pub async fn migrate(
         leases += 1;
     }
     let total = kvs.len() as u64;
+    let revision = source
+        .range(RangeRequest::prefix(bytes::Bytes::new()).count_only())
+        .await
+        .map_err(MigrationError::Source)?
+        .revision;
     let mut copied = 0u64;
-    copy_keys(target.as_ref(), &kvs, |done| {
-        copied = done as u64;
+    let revisions_kept = target
+        .import(&kvs, revision)
+        .await
+        .map_err(|source| MigrationError::Target { copied: 0, source })?;
+    if revisions_kept {
+        copied = total;
         progress(Progress::Copying {
             done: copied,
             total,
         });
-    })
-    .await
-    .map_err(|source| MigrationError::Target { copied, source })?;
+    } else {
+        copy_keys(target.as_ref(), &kvs, |done| {
+            copied = done as u64;
+            progress(Progress::Copying {
+                done: copied,
+                total,
+            });
+        })
+        .await
+        .map_err(|source| MigrationError::Target { copied, source })?;
+    }
     progress(Progress::Verifying);
     let (source_keys, source_hash) = content_hash(source.as_ref(), 0)
         .await
@@ -272,7 +433,13 @@ pub async fn migrate(
             target_hash,
         });
     }
-    *store.backend.write().await = target;
+    *store.backend.write().await = target.clone();
+    drop(source);
+    store.switched.send_replace(Some(Switch {
+        target,
+        revision,
+        continuous: revisions_kept,
+    }));
     progress(Progress::SwitchedOver);
     let frozen_for = frozen_at.elapsed();
     drop(freeze);
@@ -281,5 +448,6 @@ pub async fn migrate(
         leases,
         content_hash: source_hash,
         frozen_for,
+        revisions_kept,
     })
 }

@@ -5,8 +5,8 @@ use tokio::sync::mpsc;
 
 use crate::error::Result;
 use crate::model::{
-    CompactResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrant, LeaseId, LeaseInfo,
-    PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status, TxnRequest,
+    CompactResponse, DeleteRangeRequest, DeleteRangeResponse, KeyValue, LeaseGrant, LeaseId,
+    LeaseInfo, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status, TxnRequest,
     TxnResponse, WatchBatch, WatchRequest,
 };
 
@@ -40,6 +40,15 @@ pub trait Datastore: Send + Sync {
     async fn leases(&self) -> Result<Vec<LeaseId>>;
     /// Current revision, compaction revision and size.
     async fn status(&self) -> Result<Status>;
+    /// Writes live `kvs` into this empty store with their create/mod revisions and versions
+    /// as they are, and moves its revision to `revision` (reads and watches below it answer
+    /// `Compacted`, as after a compaction): a migration its clients cannot notice, same
+    /// resourceVersions, watches continuing at `revision + 1`. `Ok(false)` from drivers
+    /// that choose revisions themselves (etcd): nothing was written.
+    async fn import(&self, kvs: &[KeyValue], revision: Revision) -> Result<bool> {
+        let _ = (kvs, revision);
+        Ok(false)
+    }
     /// The revision up to which every open watch of this store has been handed its events
     /// (a watch whose range saw none has nothing pending below it), so a watch progress
     /// notification at that revision is true for every watch once each has drained what it

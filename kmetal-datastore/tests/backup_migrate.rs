@@ -205,3 +205,123 @@ async fn a_failed_migration_leaves_the_source_serving() {
         Err(MigrationError::TargetNotEmpty { keys: 1 })
     ));
 }
+
+/// Watches opened before a migration go on across it: memory → SQLite → PostgreSQL keep
+/// every revision (a key's mod revision is the same on the target, writes after the switch
+/// continue the numbering) and the watchers, with and without prev_kv, see every write of a
+/// writer running throughout once, in order; the move to etcd (which chooses its revisions)
+/// ends them with the compacted error instead of leaving them silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_follow_a_migration_and_revisions_are_kept() {
+    use kmetal_datastore::DatastoreError;
+    use kmetal_datastore::model::WatchRequest;
+    use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MigratableStore::new(Arc::new(MemoryStore::new())));
+    fill(store.as_ref(), 100).await;
+    let before = store
+        .range(RangeRequest::get("/registry/pods/ns/0042"))
+        .await
+        .unwrap();
+
+    let mut watchers = Vec::new();
+    for prev_kv in [false, true] {
+        let mut req = WatchRequest::prefix("/live/", 0);
+        req.prev_kv = prev_kv;
+        watchers.push(store.watch(req).await.unwrap());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = store
+                    .put(PutRequest::new(format!("/live/{}", i % 7), format!("v{i}")))
+                    .await
+                    .unwrap();
+                acked.push(r.revision);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sqlite: Arc<dyn Datastore> = Arc::new(
+        SqliteStore::open(SqliteConfig::new(dir.path().join("t.db")))
+            .await
+            .unwrap(),
+    );
+    let report = migrate(&store, sqlite, |_| {}).await.unwrap();
+    assert!(report.revisions_kept);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = migrate(&store, pg_store(&pg, "follow").await, |_| {})
+        .await
+        .unwrap();
+    assert!(report.revisions_kept);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 20, "{} writes", acked.len());
+    // Revisions on the target are the source's: same mod revision, and numbering continued.
+    let after = store
+        .range(RangeRequest::get("/registry/pods/ns/0042"))
+        .await
+        .unwrap();
+    assert_eq!(after.kvs[0].mod_revision, before.kvs[0].mod_revision);
+    assert_eq!(after.kvs[0].create_revision, before.kvs[0].create_revision);
+    assert!(
+        acked.windows(2).all(|w| w[1] > w[0]),
+        "revisions only go up"
+    );
+
+    for (i, w) in watchers.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        while seen.len() < acked.len() {
+            let batch = tokio::time::timeout(Duration::from_secs(10), w.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "watcher {i} went silent after {} of {}",
+                        seen.len(),
+                        acked.len()
+                    )
+                })
+                .expect("open")
+                .expect("no error");
+            for ev in batch.events {
+                if i == 1 && ev.kv.version > 1 {
+                    assert!(ev.prev_kv.is_some(), "prev_kv across the switch");
+                }
+                seen.push(ev.kv.mod_revision);
+            }
+        }
+        assert_eq!(seen, acked, "watcher {i}: every write once, in order");
+    }
+
+    // etcd picks its own revisions: the open watches end with the compacted error.
+    let etcd_target: Arc<dyn Datastore> = Arc::new(
+        EtcdStore::connect(EtcdConfig::new(etcd.endpoints()), Keyspace::Dedicated)
+            .await
+            .unwrap(),
+    );
+    let report = migrate(&store, etcd_target, |_| {}).await.unwrap();
+    assert!(!report.revisions_kept);
+    for w in &mut watchers {
+        let end = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("the watch ends, not silent");
+        assert!(
+            matches!(end, Some(Err(DatastoreError::Compacted { .. }))),
+            "{end:?}"
+        );
+    }
+}

@@ -492,6 +492,30 @@ impl LogWriter for Conn {
                 LIMIT $2)";
         self.exec(sql, &[&upto, &limit]).await
     }
+
+    async fn import(&mut self, kv: &KeyValue) -> Pg<()> {
+        let sql = "WITH ins AS (
+                INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version,
+                    deleted, lease, value)
+                VALUES ($1, $2, $3, 0, $4, false, $5, $6) RETURNING rev)
+            INSERT INTO kmetal_current (name, rev, create_revision, version)
+            SELECT $2, rev, $3, $4 FROM ins";
+        let key: &[u8] = kv.key.as_ref();
+        let value: &[u8] = kv.value.as_ref();
+        self.exec(
+            sql,
+            &[
+                &kv.mod_revision,
+                &key,
+                &kv.create_revision,
+                &kv.version,
+                &kv.lease,
+                &value,
+            ],
+        )
+        .await
+        .map(drop)
+    }
 }
 
 /// Store-level reads over the pool.

@@ -399,6 +399,26 @@ impl LogWriter for Db {
             .execute(params![upto, limit])?;
         Ok(n as u64)
     }
+
+    async fn import(&mut self, kv: &KeyValue) -> Sql<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO kmetal_kv (rev, name, create_revision, prev_revision, version,
+                    deleted, lease, value) VALUES (?1, ?2, ?3, 0, ?4, 0, ?5, ?6)",
+            )?
+            .execute(params![
+                kv.mod_revision,
+                kv.key.as_ref(),
+                kv.create_revision,
+                kv.version,
+                kv.lease,
+                kv.value.as_ref()
+            ])?;
+        self.0
+            .prepare_cached("INSERT INTO kmetal_current (name, rev) VALUES (?1, ?2)")?
+            .execute(params![kv.key.as_ref(), kv.mod_revision])?;
+        Ok(())
+    }
 }
 
 fn lease_keys(c: &Connection, id: LeaseId) -> Sql<Vec<Bytes>> {

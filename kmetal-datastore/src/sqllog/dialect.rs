@@ -142,6 +142,9 @@ pub(crate) trait LogWriter: LogRead {
     async fn lease_keys(&mut self, id: LeaseId) -> Result<Vec<Bytes>, Self::Error>;
     /// Deletes at most `limit` rows made obsolete by compacting at `upto`; how many.
     async fn compact_rows(&mut self, upto: Revision, limit: i64) -> Result<u64, Self::Error>;
+    /// Writes live `kv` as it is (its create/mod revisions, version and lease), for an
+    /// import into an empty log.
+    async fn import(&mut self, kv: &KeyValue) -> Result<(), Self::Error>;
 }
 
 /// How a range request came out of its snapshot.

@@ -32,9 +32,9 @@ use self::hub::{Dispatched, HubMsg, ProgressClock, Unregister, Watcher, next_wat
 use self::write::{Done, Job, Op};
 use crate::error::{DatastoreError, Result};
 use crate::model::{
-    CompactResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrant, LeaseId, LeaseInfo,
-    Limits, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status, TxnRequest,
-    TxnResponse, WatchRequest,
+    CompactResponse, DeleteRangeRequest, DeleteRangeResponse, KeyValue, LeaseGrant, LeaseId,
+    LeaseInfo, Limits, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status,
+    TxnRequest, TxnResponse, WatchRequest,
 };
 use crate::store::{Datastore, WatchStream};
 
@@ -65,6 +65,12 @@ pub(crate) enum LogError {
     /// The writer thread could not be started.
     #[error("cannot start the writer thread")]
     Thread(#[source] std::io::Error),
+    /// An import was asked of a log that already has writes.
+    #[error("cannot import into a log that is already at revision {revision}")]
+    ImportIntoUsedLog {
+        /// Its revision.
+        revision: Revision,
+    },
 }
 
 /// What every SQL store ([`SqliteStore`](crate::sqlite::SqliteStore),
@@ -353,6 +359,15 @@ impl<D: Dialect> Datastore for SqlLog<D> {
         .await
     }
 
+    async fn import(&self, kvs: &[KeyValue], revision: Revision) -> Result<bool> {
+        self.write(Op::Import(kvs.into(), revision), |d| match d {
+            Done::Imported => Some(()),
+            _ => None,
+        })
+        .await?;
+        Ok(true)
+    }
+
     async fn compact(&self, revision: Revision) -> Result<CompactResponse> {
         let r = self
             .write(Op::Compact(revision), |d| match d {
@@ -549,6 +564,13 @@ macro_rules! delegate_datastore {
             }
             async fn watch_dispatched(&self) -> Option<$crate::model::Revision> {
                 self.log.watch_dispatched().await
+            }
+            async fn import(
+                &self,
+                kvs: &[$crate::model::KeyValue],
+                revision: $crate::model::Revision,
+            ) -> $crate::Result<bool> {
+                self.log.import(kvs, revision).await
             }
         }
     };

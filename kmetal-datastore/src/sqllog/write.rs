@@ -93,6 +93,8 @@ pub(crate) enum Op {
     },
     LeaseRevoke(LeaseId),
     LeaseKeepAlive(LeaseId),
+    /// Live keys with their revisions into an empty log, which moves to the revision.
+    Import(Arc<[KeyValue]>, Revision),
 }
 
 /// The writer's answer to an [`Op`].
@@ -107,6 +109,7 @@ pub(crate) enum Done {
     LeaseGrant(LeaseGrant),
     LeaseRevoke(Revision),
     LeaseTtl(i64),
+    Imported,
 }
 
 /// A queued write and where its answer goes.
@@ -287,6 +290,24 @@ async fn apply<W: LogWriter>(
             })
         }
         Op::Compact(at) => Done::Compact(meta.compact_to(*at)?),
+        Op::Import(kvs, revision) => {
+            if meta.revision > 1 || *revision < meta.revision {
+                let used = super::LogError::ImportIntoUsedLog {
+                    revision: meta.revision,
+                };
+                return Err(DatastoreError::Backend {
+                    source: Box::new(used),
+                }
+                .into());
+            }
+            for kv in kvs.iter() {
+                w.import(kv).await?;
+            }
+            // History below the imported revision is not there: reads of it say so.
+            meta.revision = *revision;
+            meta.compact = *revision;
+            Done::Imported
+        }
         Op::CompactRows(upto, limit) => Done::CompactedRows(w.compact_rows(*upto, *limit).await?),
         Op::LeaseGrant { ttl, id } => {
             let id = meta.lease_id(*id);
