@@ -20,6 +20,9 @@ use crate::shutdown::shutdown_signal;
 use crate::status::{TenantRow, tenants_table};
 use crate::store::{Kind, ObjectKey, PREFIX, Store, Stored};
 
+/// How soon a tenant whose processes are starting is looked at again.
+const IN_PROGRESS_POLL: Duration = Duration::from_millis(250);
+
 /// The label that assigns a tenant to a region (unlabelled tenants belong to `default`).
 pub const REGION_LABEL: &str = "kmetal.io/region";
 
@@ -287,7 +290,7 @@ pub async fn converge(r: &Arc<Reconciler>, store: &Store, c: Converge<'_>) -> Re
         keys = pending.iter().map(|(k, _)| k.clone()).collect();
         last = Some(pending);
         let pause = if moving {
-            backoff(attempt).min(Duration::from_secs(1))
+            backoff(attempt).min(IN_PROGRESS_POLL)
         } else {
             backoff(attempt)
         };
@@ -574,9 +577,10 @@ impl Worker {
             .as_deref()
             .filter(|w| w.ends_with(crate::phases::IN_PROGRESS))
         {
-            // Starting processes, not failures: look again soon, without backoff.
+            // Starting processes, not failures: look again soon, without backoff (a tenant
+            // is Ready, and its admin bound, at the first look after its api-server is).
             tracing::debug!(tenant = %key.display(), reason = %why, "in progress; requeued");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(IN_PROGRESS_POLL).await;
             let _ = self.tx.send(key);
             return;
         }
