@@ -20,8 +20,11 @@
 //! - [`front`]: [`Front`]: the tenant's Service address, forwarding connections to the
 //!   replicas that are ready.
 //! - [`probe`]: `/readyz` of one replica and the holder of a Lease.
+//! - [`bootstrap`]: what `kubeadm init` does once the cluster answers (the cluster-admins
+//!   binding behind `admin.conf`).
 //! - [`http`]: a small HTTP/1.1 client (plain or rustls) the probes use.
 
+pub mod bootstrap;
 pub mod catalog;
 pub mod flags;
 pub mod front;

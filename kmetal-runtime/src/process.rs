@@ -18,7 +18,7 @@ use crate::front::Front;
 use crate::http::Client;
 use crate::layout::{ReplicaId, TenantLayout};
 use crate::plan::ControlPlanePlan;
-use crate::probe::{self, ProbeError};
+use crate::probe;
 use crate::runtime::{
     ControlPlaneRuntime, ControlPlaneStatus, ReplicaState, ReplicaStatus, RuntimeError, TenantId,
 };
@@ -387,7 +387,7 @@ impl ProcessRuntime {
         if let Some(addr) = ready_apiservers.first() {
             let client = client_for(*addr)?;
             if !t.bootstrapped {
-                t.bootstrapped = bind_cluster_admins(&client).await.is_ok();
+                t.bootstrapped = crate::bootstrap::bind_cluster_admins(&client).await.is_ok();
             }
             for c in [Component::ControllerManager, Component::Scheduler] {
                 let holder = match probe::lease(&client, "kube-system", c.binary()).await {
@@ -437,29 +437,6 @@ fn identity(
         }
     })?;
     Ok((parts.cert_pem, parts.key_pem))
-}
-
-/// kubeadm's `kubeadm:cluster-admins` binding (what makes `admin.conf` an admin), as
-/// `kubeadm init` creates it.
-async fn bind_cluster_admins(client: &Client) -> Result<(), ProbeError> {
-    let body = br#"{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding",
-        "metadata":{"name":"kubeadm:cluster-admins"},
-        "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"cluster-admin"},
-        "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"kubeadm:cluster-admins"}]}"#;
-    let r = client
-        .request(
-            "POST",
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            Some(body),
-        )
-        .await?;
-    match r.status {
-        201 | 409 => Ok(()),
-        status => Err(ProbeError::NotOk {
-            status,
-            body: r.text(),
-        }),
-    }
 }
 
 #[async_trait::async_trait]

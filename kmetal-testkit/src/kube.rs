@@ -52,6 +52,9 @@ pub enum KubeError {
         /// The api-server's answer.
         body: String,
     },
+    /// kmetal-runtime's bootstrap of the cluster failed otherwise.
+    #[error("bootstrapping the cluster failed")]
+    Bootstrap(#[source] kmetal_runtime::probe::ProbeError),
     /// kubectl ran but failed.
     #[error("kubectl {args} failed ({status}): {stderr}")]
     Kubectl {
@@ -196,25 +199,18 @@ impl KubeApiserver {
     }
 
     async fn bind_cluster_admins(&self) -> Result<(), KubeError> {
-        let body = br#"{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding",
-            "metadata":{"name":"kubeadm:cluster-admins"},
-            "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"cluster-admin"},
-            "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"kubeadm:cluster-admins"}]}"#;
-        let r = self
-            .client("super-admin.conf")?
-            .request(
-                "POST",
-                "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-                Some(body),
-            )
-            .await?;
-        match r.status {
-            201 | 409 => Ok(()),
-            status => Err(KubeError::Refused {
-                what: "creating the kubeadm:cluster-admins ClusterRoleBinding",
-                status,
-                body: r.text(),
-            }),
+        let client = self.client("super-admin.conf")?;
+        match kmetal_runtime::bootstrap::bind_cluster_admins(&client).await {
+            Ok(()) => Ok(()),
+            Err(kmetal_runtime::probe::ProbeError::NotOk { status, body }) => {
+                Err(KubeError::Refused {
+                    what: "creating the kubeadm:cluster-admins ClusterRoleBinding",
+                    status,
+                    body,
+                })
+            }
+            Err(kmetal_runtime::probe::ProbeError::Http(e)) => Err(e.into()),
+            Err(e) => Err(KubeError::Bootstrap(e)),
         }
     }
 
