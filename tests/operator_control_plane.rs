@@ -779,3 +779,212 @@ async fn a_running_tenant_migrates_to_postgres_under_a_watch() {
     );
     let _ = watch.0.kill();
 }
+
+/// The pid a dedicated etcd member's pid file names.
+fn member_pid(env: &Env, tenant: &str, member: &str) -> u32 {
+    env.pid(tenant, &format!("etcd-{member}"))
+        .unwrap_or_else(|| panic!("no pid for etcd member {member}: {}", env.logs(tenant)))
+}
+
+fn sigkill(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -9 {pid}");
+}
+
+/// A tenant with a three-member dedicated etcd placed on pattern A's three control-plane
+/// nodes: it serves kubectl with its api-server on the members; a killed member is replaced
+/// (fresh data dir) while writes go on and nothing written is lost; two killed members turn
+/// the tenant NotReady with a quorum-lost condition and Ready again once they are back;
+/// deletion stops the members and removes their data.
+#[test]
+fn a_dedicated_etcd_tenant_replaces_a_member_and_reports_lost_quorum() {
+    let env = Env::new();
+    let port = free_port().expect("port");
+    let yaml = format!(
+        r#"
+apiVersion: kamaji.clastix.io/v1alpha1
+kind: TenantControlPlane
+metadata: {{name: solo, namespace: tenants, annotations: {{kmetal.io/dedicated-etcd: "3"}}}}
+spec:
+  controlPlane: {{deployment: {{replicas: 1}}, service: {{serviceType: ClusterIP}}}}
+  kubernetes: {{version: {}}}
+  networkProfile: {{address: 127.0.84.30, port: {port}}}
+"#,
+        pinned_version()
+    );
+    apply(&env.state, env.dir.path(), "solo.yaml", &yaml);
+    let topology = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/topologies/pattern-a.yaml"
+    );
+    let op = env.run_with(&["--topology", topology]);
+    env.wait_ready("solo", Duration::from_secs(240));
+
+    let t = env.tenant("solo");
+    let etcd = &t["status"]["storage"]["dedicatedEtcd"];
+    assert_eq!(etcd["quorum"], true, "{etcd:#}");
+    let members: Vec<(String, String)> = etcd["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or_default().to_owned(),
+                m["zone"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = members.iter().map(|(n, _)| n.as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["cp-a", "cp-b", "cp-c"],
+        "one member per node: {etcd:#}"
+    );
+    let zones: std::collections::BTreeSet<&str> = members.iter().map(|(_, z)| z.as_str()).collect();
+    assert_eq!(zones.len(), 3, "spread over the zones: {etcd:#}");
+    // The api-server talks to the three members, not to a gateway.
+    let apiserver = env.pid("solo", "kube-apiserver-0").expect("api-server pid");
+    let cmdline = std::fs::read_to_string(format!("/proc/{apiserver}/cmdline")).expect("cmdline");
+    let servers = cmdline
+        .split('\0')
+        .find_map(|a| a.strip_prefix("--etcd-servers="))
+        .expect("--etcd-servers");
+    assert_eq!(servers.split(',').count(), 3, "{servers}");
+    for m in etcd["members"].as_array().expect("members") {
+        assert!(
+            servers.contains(m["clientUrl"].as_str().unwrap_or("?")),
+            "{servers}"
+        );
+    }
+    env.kubectl("solo", &["get", "ns", "kube-system"])
+        .expect("kubectl");
+
+    // A writer creates ConfigMaps throughout; every one acknowledged must survive.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let conf = env.admin_conf("solo");
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut acked, mut failed) = (Vec::new(), Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("w{i:04}");
+                match kubectl(&conf, &["create", "configmap", &name, "--from-literal=k=v"]) {
+                    Ok(_) => acked.push((Instant::now(), name)),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (acked, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    let victim = names[1].to_owned();
+    let old = member_pid(&env, "solo", &victim);
+    let killed_one = Instant::now();
+    sigkill(old);
+    let member = |t: &Value, name: &str| -> Value {
+        t["status"]["storage"]["dedicatedEtcd"]["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let replaced = wait_until(Duration::from_secs(90), || {
+        let t = env.tenant("solo");
+        member(&t, &victim)["replacements"] == 1
+            && condition(&t, "DataStoreReady").is_some_and(|c| c["reason"] == "Healthy")
+            && ready(&t)
+    });
+    assert!(
+        replaced,
+        "{:#}\n{}",
+        env.tenant("solo")["status"],
+        env.logs("solo")
+    );
+    assert_ne!(member_pid(&env, "solo", &victim), old);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Two at once: no majority is left; the tenant says why it is not Ready.
+    let (a, c) = (names[0].to_owned(), names[2].to_owned());
+    let killed_two = Instant::now();
+    sigkill(member_pid(&env, "solo", &a));
+    sigkill(member_pid(&env, "solo", &c));
+    let lost = wait_until(Duration::from_secs(30), || {
+        let t = env.tenant("solo");
+        !ready(&t)
+            && condition(&t, "DataStoreReady").is_some_and(|c| {
+                c["reason"] == "QuorumLost"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("quorum lost"))
+            })
+    });
+    assert!(
+        lost,
+        "{:#}\n{}",
+        env.tenant("solo")["status"],
+        env.logs("solo")
+    );
+    env.wait_ready("solo", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = writer.join().expect("writer");
+    let during = acked
+        .iter()
+        .filter(|(t, _)| *t > killed_one && *t < killed_two)
+        .count();
+    eprintln!(
+        "writer: {} ConfigMaps acknowledged, {during} while a member was replaced, {} failed",
+        acked.len(),
+        failed.len()
+    );
+    assert!(
+        during > 0,
+        "no write went through while a member was replaced; failures: {failed:?}"
+    );
+    let listed = env
+        .kubectl("solo", &["get", "configmaps", "-o", "name"])
+        .expect("list");
+    let listed: std::collections::BTreeSet<&str> = listed.lines().collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .map(|(_, n)| n)
+        .filter(|n| !listed.contains(format!("configmap/{n}").as_str()))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged ConfigMaps lost: {lost:?}");
+
+    // Deletion stops the members and removes their data.
+    let pids = env.pids("solo");
+    assert_eq!(
+        pids.len(),
+        6,
+        "api-server, controllers and three members: {pids:?}"
+    );
+    let out = operator(&env.state, &["delete", "tcp/solo", "-n", "tenants"])
+        .output()
+        .expect("delete");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || tenant(&env.state, "solo")
+            .is_none()),
+        "solo not finalized"
+    );
+    assert!(wait_gone(&pids), "solo's processes still run");
+    assert!(
+        !env.runtime_dir("solo").exists(),
+        "solo's etcd data removed"
+    );
+    drop(op);
+}

@@ -2,13 +2,11 @@
 //! scheduler run by the configured runtime against the tenant's etcd endpoint and
 //! Konnectivity server; Ready only once they answer. Status records every component.
 
-use std::net::SocketAddr;
-
 use kmetal::core::TenantControlPlane;
 use kmetal::core::tenant::{ComponentStatus, DeploymentStatus};
 use kmetal::pki::Bundle;
 use kmetal::runtime::{
-    CatalogError, Component, ControlPlanePlan, ControlPlaneStatus, Egress, EtcdClient, EtcdTls,
+    CatalogError, Component, ControlPlanePlan, ControlPlaneStatus, Egress, EtcdClient,
     ReplicaState, RuntimeError,
 };
 
@@ -24,17 +22,12 @@ impl Reconciler {
         p: &mut Pass<'_>,
         tcp: &TenantControlPlane,
         bundle: &Bundle,
-        etcd: SocketAddr,
+        etcd: EtcdClient,
     ) -> Result<bool, Halt> {
         let Some(runtime) = &self.settings.runtime else {
             let why = "this operator runs no control planes (--runtime none)".to_string();
             set_condition(&mut p.status, CONDITION, false, "NoRuntime", why);
             return Ok(false);
-        };
-        let etcd = EtcdClient {
-            servers: vec![format!("https://{etcd}")],
-            tls: EtcdTls::Bundle,
-            prefix: None,
         };
         let egress = self.egress_socket(p.key).map(Egress::GrpcUds);
         let plan = match ControlPlanePlan::from_tenant(tcp, bundle.clone(), etcd, egress) {

@@ -23,6 +23,7 @@ macro_rules! out {
 }
 
 mod control_plane;
+mod dedicated_etcd;
 mod drivers;
 mod leader;
 mod lifecycle;

@@ -6,14 +6,15 @@
 use std::time::{Duration, SystemTime};
 
 use kmetal::core::tenant::{
-    CertificateStatus, StorageSetup, StorageStatus, TenantControlPlaneStatus,
+    CertificateStatus, ReplicaPlacement, StorageSetup, StorageStatus, TenantControlPlaneStatus,
 };
 use kmetal::core::{FieldError, Phase, TenantControlPlane};
 use kmetal::datastore::migrate::MigratableStore;
 use kmetal::pki::{Bundle, PkiSpec};
+use kmetal::runtime::{EtcdClient, EtcdTls};
 
 use crate::drivers::{SliceConfig, datastore_identity};
-use crate::reconcile::{ReconcileError, Reconciler, set_condition, set_phase, write_out};
+use crate::reconcile::{Placed, ReconcileError, Reconciler, set_condition, set_phase, write_out};
 use crate::store::{ObjectKey, StoreError, Stored};
 
 /// How a [`Halt::NotReady`] reason ends when work is under way (processes starting), so
@@ -25,6 +26,8 @@ pub(crate) struct Pass<'a> {
     pub(crate) key: &'a ObjectKey,
     pub(crate) stored: Stored,
     pub(crate) status: TenantControlPlaneStatus,
+    /// Where the schedule phase put the tenant's dedicated etcd members.
+    pub(crate) placed_etcd: Vec<ReplicaPlacement>,
 }
 
 /// Why a pass stops before its last phase.
@@ -68,9 +71,18 @@ impl Reconciler {
     ) -> Result<(), Halt> {
         validate(p, tcp, problems)?;
         self.schedule(p, tcp).await?;
+        if !p.placed_etcd.is_empty() {
+            let bundle = self.certificates(p, tcp, None).await?;
+            let etcd = self.dedicated_etcd(p, &bundle).await?;
+            self.konnectivity(p, &bundle).await?;
+            self.version(p, tcp).await?;
+            let served = self.control_plane(p, tcp, &bundle, etcd).await?;
+            ready(p, tcp, &bundle, served);
+            return Ok(());
+        }
         let target = self.target(p, tcp);
         let slice = self.datastore(p, tcp, &target.name).await?;
-        let bundle = self.certificates(p, tcp, &target.name).await?;
+        let bundle = self.certificates(p, tcp, Some(&target.name)).await?;
         let (etcd, live) = self.endpoint(p, &bundle, &slice, target.migrating).await?;
         if target.migrating {
             self.migrate(p, tcp, &target, &live, &bundle, &slice)
@@ -79,17 +91,41 @@ impl Reconciler {
         storage_status(p, &target.name, &slice);
         self.konnectivity(p, &bundle).await?;
         self.version(p, tcp).await?;
+        let etcd = EtcdClient {
+            servers: vec![format!("https://{etcd}")],
+            tls: EtcdTls::Bundle,
+            prefix: None,
+        };
         let served = self.control_plane(p, tcp, &bundle, etcd).await?;
         ready(p, tcp, &bundle, served);
         Ok(())
     }
 
     async fn schedule(&self, p: &mut Pass<'_>, tcp: &TenantControlPlane) -> Result<(), Halt> {
-        match self.place(p.key, tcp, &p.status.replicas).await {
-            Ok(replicas) => {
-                let placed = format!("{} replicas", replicas.len());
-                set_condition(&mut p.status, "Scheduled", true, "Placed", placed);
-                p.status.replicas = replicas;
+        let existing = Placed {
+            replicas: p.status.replicas.clone(),
+            etcd: p
+                .status
+                .storage
+                .dedicated_etcd
+                .iter()
+                .flat_map(|d| &d.members)
+                .map(|m| ReplicaPlacement {
+                    name: m.name.clone(),
+                    node: m.node.clone(),
+                    zone: m.zone.clone(),
+                })
+                .collect(),
+        };
+        match self.place(p.key, tcp, &existing).await {
+            Ok(placed) => {
+                let mut msg = format!("{} replicas", placed.replicas.len());
+                if !placed.etcd.is_empty() {
+                    msg.push_str(&format!(", {} etcd members", placed.etcd.len()));
+                }
+                set_condition(&mut p.status, "Scheduled", true, "Placed", msg);
+                p.status.replicas = placed.replicas;
+                p.placed_etcd = placed.etcd;
                 Ok(())
             }
             Err(reason) => {
@@ -141,7 +177,7 @@ impl Reconciler {
         &self,
         p: &mut Pass<'_>,
         tcp: &TenantControlPlane,
-        ds_name: &str,
+        ds_name: Option<&str>,
     ) -> Result<Bundle, Halt> {
         let bundle = match self.pki(p.key, tcp, ds_name).await {
             Ok(b) => b,
@@ -375,6 +411,7 @@ fn storage_status(p: &mut Pass<'_>, ds_name: &str, slice: &SliceConfig) {
             schema: slice.get("schema").cloned(),
             user: slice.get("user").cloned(),
         },
+        dedicated_etcd: None,
     };
 }
 

@@ -111,7 +111,7 @@ pub struct Reconciler {
     /// Where this controller announces the runtimes it serves (long-running controllers).
     pub(crate) registry: Option<Arc<crate::runtime::Registry>>,
     drivers: tokio::sync::Mutex<HashMap<String, (i64, Arc<Driver>)>>,
-    placements: tokio::sync::Mutex<BTreeMap<ObjectKey, Vec<ReplicaPlacement>>>,
+    placements: tokio::sync::Mutex<BTreeMap<ObjectKey, Placed>>,
 }
 
 pub(crate) fn set_condition(
@@ -151,6 +151,15 @@ pub(crate) fn set_phase(status: &mut TenantControlPlaneStatus, phase: Phase) {
 
 /// Resources one api-server replica asks for, from `spec.controlPlane.deployment.resources`
 /// (defaults when absent).
+/// Where a tenant's replicas and dedicated etcd members went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Placed {
+    /// Control-plane replicas (`status.replicas`).
+    pub(crate) replicas: Vec<ReplicaPlacement>,
+    /// Dedicated etcd members (`status.storage.dedicatedEtcd`), named after their nodes.
+    pub(crate) etcd: Vec<ReplicaPlacement>,
+}
+
 fn replica_resources(tcp: &TenantControlPlane) -> Resources {
     let mut r = Resources {
         cpu: 0.25,
@@ -262,14 +271,14 @@ impl Reconciler {
         Ok(d)
     }
 
-    /// Places the tenant's replicas, keeping an existing placement; other tenants' replicas
-    /// hold their capacity.
+    /// Places the tenant's replicas (and its dedicated etcd members), keeping an existing
+    /// placement; other tenants' replicas and members hold their capacity.
     pub(crate) async fn place(
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
-        existing: &[ReplicaPlacement],
-    ) -> Result<Vec<ReplicaPlacement>, String> {
+        existing: &Placed,
+    ) -> Result<Placed, String> {
         let replicas = tcp
             .spec
             .control_plane
@@ -277,38 +286,60 @@ impl Reconciler {
             .replicas
             .unwrap_or(2)
             .max(0) as u32;
+        let members = tcp
+            .dedicated_etcd_members()
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0);
         let name = tcp.metadata.name.clone().unwrap_or_default();
+        let fits =
+            |p: &Placed| p.replicas.len() == replicas as usize && p.etcd.len() == members as usize;
         let Some(topo) = &self.settings.topology else {
             // Without a topology, keep what a run with one decided.
-            if existing.len() == replicas as usize {
-                return Ok(existing.to_vec());
+            if fits(existing) {
+                return Ok(existing.clone());
             }
-            return Ok((0..replicas)
-                .map(|i| ReplicaPlacement {
-                    name: format!("{name}-{i}"),
-                    node: "unscheduled".into(),
-                    zone: String::new(),
-                })
-                .collect());
+            let unscheduled = |name: String| ReplicaPlacement {
+                name,
+                node: "unscheduled".into(),
+                zone: String::new(),
+            };
+            return Ok(Placed {
+                replicas: (0..replicas)
+                    .map(|i| unscheduled(format!("{name}-{i}")))
+                    .collect(),
+                etcd: (0..members)
+                    .map(|i| unscheduled(format!("etcd-{i}")))
+                    .collect(),
+            });
         };
         let mut book = self.placements.lock().await;
-        if let Some(p) = book.get(key) {
-            if p.len() == replicas as usize {
-                return Ok(p.clone());
-            }
+        if let Some(p) = book.get(key)
+            && fits(p)
+        {
+            return Ok(p.clone());
+        }
+        if fits(existing) && !existing.replicas.iter().any(|r| r.node == "unscheduled") {
+            book.insert(key.clone(), existing.clone());
+            return Ok(existing.clone());
         }
         book.remove(key);
         let need = replica_resources(tcp);
+        let mut req = TenantRequest::new(name.clone(), replicas);
+        req.resources = need;
+        req.etcd_members = members;
         let mut t = (**topo).clone();
         for placed in book.values() {
-            for r in placed {
-                if let Some(n) = t.nodes.iter_mut().find(|n| n.name == r.node) {
-                    n.capacity = n.capacity.minus(&need);
+            for (list, res) in [
+                (&placed.replicas, &need),
+                (&placed.etcd, &req.etcd_resources),
+            ] {
+                for r in list {
+                    if let Some(n) = t.nodes.iter_mut().find(|n| n.name == r.node) {
+                        n.capacity = n.capacity.minus(res);
+                    }
                 }
             }
         }
-        let mut req = TenantRequest::new(name.clone(), replicas);
-        req.resources = need;
         let seed = key
             .name
             .bytes()
@@ -320,19 +351,28 @@ impl Reconciler {
         let Some(p) = result.placed.first() else {
             return Err("placement returned nothing".into());
         };
-        let out: Vec<ReplicaPlacement> = p
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let node = &t.nodes[n];
-                ReplicaPlacement {
-                    name: format!("{name}-{i}"),
-                    node: node.name.clone(),
-                    zone: t.zones[node.zone].name.clone(),
-                }
-            })
-            .collect();
+        let on = |n: usize, name: String| {
+            let node = &t.nodes[n];
+            ReplicaPlacement {
+                name,
+                node: node.name.clone(),
+                zone: t.zones[node.zone].name.clone(),
+            }
+        };
+        let out = Placed {
+            replicas: p
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| on(n, format!("{name}-{i}")))
+                .collect(),
+            // A member is named after its node: one member per node, and the name says where.
+            etcd: p
+                .etcd
+                .iter()
+                .map(|&n| on(n, t.nodes[n].name.clone()))
+                .collect(),
+        };
         book.insert(key.clone(), out.clone());
         Ok(out)
     }
@@ -355,6 +395,7 @@ impl Reconciler {
             key,
             stored,
             status,
+            placed_etcd: Vec::new(),
         };
         let halted = self.phases(&mut pass, &mut tcp, &decoded.problems).await;
         let Pass { stored, status, .. } = pass;
@@ -490,7 +531,7 @@ impl Reconciler {
         &self,
         key: &ObjectKey,
         tcp: &TenantControlPlane,
-        ds_name: &str,
+        ds_name: Option<&str>,
     ) -> Result<Bundle, String> {
         let ns = key.namespace.as_deref().unwrap_or("default");
         let name = format!("{}-pki", key.name);
@@ -524,12 +565,17 @@ impl Reconciler {
         }
         let mut spec = PkiSpec::from_tenant(tcp).map_err(|e| kmetal::Report(&e).to_string())?;
         // Kamaji's model for etcd: the tenant authenticates with a client certificate (CN =
-        // its etcd user) signed by the DataStore's CA.
-        let driver = self
-            .driver(ds_name)
-            .await
-            .map_err(|e| kmetal::Report(&e).to_string())?;
-        if let Some((cert, key)) = driver.signing_ca() {
+        // its etcd user) signed by the DataStore's CA. A dedicated etcd (no DataStore) trusts
+        // the bundle's own etcd CA instead.
+        let driver = match ds_name {
+            Some(ds) => Some(
+                self.driver(ds)
+                    .await
+                    .map_err(|e| kmetal::Report(&e).to_string())?,
+            ),
+            None => None,
+        };
+        if let Some((cert, key)) = driver.as_ref().and_then(|d| d.signing_ca()) {
             spec.datastore = Some(kmetal::pki::spec::DatastoreIssuer {
                 user: tcp.spec.data_store_username.clone().unwrap_or_default(),
                 ca_cert_pem: cert.clone(),
@@ -824,7 +870,9 @@ impl Reconciler {
             .clone()
             .or_else(|| tcp.spec.data_store.clone())
             .unwrap_or_else(|| self.settings.default_datastore.clone());
-        if let Err(e) = self.deprovision(&tcp, &ds).await {
+        // A dedicated etcd went with the tenant's processes; no DataStore holds a slice.
+        let dedicated = matches!(tcp.dedicated_etcd_members(), Ok(Some(_)));
+        if !dedicated && let Err(e) = self.deprovision(&tcp, &ds).await {
             set_condition(
                 &mut status,
                 "Ready",

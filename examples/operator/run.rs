@@ -114,8 +114,15 @@ fn control_plane_runtime(
     }
     let catalog = kmetal::runtime::Catalog::discover(kubernetes_dirs(args))
         .map_err(|e| format!("--kubernetes-bin: {}", kmetal::Report(&e)))?;
-    let config =
+    let dirs = kubernetes_dirs(args);
+    let mut config =
         kmetal::runtime::ProcessRuntimeConfig::new(args.state_dir.join("control-planes"), catalog);
+    // Dedicated etcds run the etcd 3.6 that scripts/peers.sh builds beside Kubernetes.
+    config.etcd_binary = dirs
+        .iter()
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+        .or_else(|| dirs.first().map(|d| d.join("etcd")));
     Ok(Some(Arc::new(kmetal::runtime::ProcessRuntime::new(config))))
 }
 

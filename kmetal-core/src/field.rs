@@ -110,6 +110,12 @@ pub enum Problem {
         /// Which rule asks for it.
         why: &'static str,
     },
+    /// Set together with a field it excludes.
+    #[error("cannot be set together with {other}")]
+    ConflictsWith {
+        /// The path of the other field.
+        other: &'static str,
+    },
     /// Must be zero because of another field's value.
     #[error("must be 0 when {because}")]
     MustBeZero {

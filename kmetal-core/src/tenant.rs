@@ -475,6 +475,43 @@ pub struct StorageStatus {
     /// Schema and user provisioned.
     #[serde(skip_serializing_if = "is_default")]
     pub setup: StorageSetup,
+    /// The tenant's dedicated etcd (kmetal's [`DEDICATED_ETCD_ANNOTATION`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedicated_etcd: Option<DedicatedEtcdStatus>,
+}
+
+/// `status.storage.dedicatedEtcd`: the members of a tenant's dedicated etcd.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DedicatedEtcdStatus {
+    /// A majority of the members is healthy.
+    pub quorum: bool,
+    /// Each member.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<EtcdMemberStatus>,
+}
+
+/// One member of a dedicated etcd.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EtcdMemberStatus {
+    /// Member name (the node it was placed on).
+    pub name: String,
+    /// The node it runs on.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// The node's zone.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// Its client URL.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub client_url: String,
+    /// `healthy`, `healthy (leader)`, `down: …`, `being replaced`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub state: String,
+    /// How often it was replaced on a fresh data dir.
+    #[serde(skip_serializing_if = "is_default")]
+    pub replacements: u32,
 }
 
 /// `status.storage.setup`.
@@ -521,7 +558,46 @@ fn schema_from_uid(uid: &str) -> String {
     uid.replace('-', "_")
 }
 
+/// Annotation asking kmetal to run a dedicated etcd of this many members for the tenant
+/// (`"1"`, `"3"`, `"5"` or `"7"`), placed on the under cluster's nodes and served with the
+/// etcd CA of the tenant's own PKI. Kamaji has no such thing (its dedicated etcd is a
+/// DataStore someone else runs); the tenant then names no `spec.dataStore`.
+pub const DEDICATED_ETCD_ANNOTATION: &str = "kmetal.io/dedicated-etcd";
+
+/// The member counts [`DEDICATED_ETCD_ANNOTATION`] accepts (odd: a majority survives a loss).
+pub const DEDICATED_ETCD_SIZES: &[&str] = &["1", "3", "5", "7"];
+
 impl TenantControlPlane {
+    /// The members of the dedicated etcd the tenant asks for ([`DEDICATED_ETCD_ANNOTATION`]),
+    /// `None` when it uses a DataStore.
+    ///
+    /// ```
+    /// use kmetal_core::TenantControlPlane;
+    /// use kmetal_core::tenant::DEDICATED_ETCD_ANNOTATION;
+    /// let mut tcp = TenantControlPlane::named("t1", Some("tenants"));
+    /// assert_eq!(tcp.dedicated_etcd_members().ok(), Some(None));
+    /// tcp.metadata.annotations.insert(DEDICATED_ETCD_ANNOTATION.into(), "3".into());
+    /// assert_eq!(tcp.dedicated_etcd_members().ok(), Some(Some(3)));
+    /// tcp.metadata.annotations.insert(DEDICATED_ETCD_ANNOTATION.into(), "2".into());
+    /// let e = tcp.dedicated_etcd_members().unwrap_err();
+    /// assert_eq!(e.to_string(), r#"metadata.annotations[kmetal.io/dedicated-etcd]: must be one of 1, 3, 5, 7 (found "2")"#);
+    /// ```
+    pub fn dedicated_etcd_members(&self) -> Result<Option<u32>, crate::FieldError> {
+        let Some(v) = self.metadata.annotations.get(DEDICATED_ETCD_ANNOTATION) else {
+            return Ok(None);
+        };
+        match v.trim().parse::<u32>() {
+            Ok(n) if DEDICATED_ETCD_SIZES.contains(&v.trim()) => Ok(Some(n)),
+            _ => Err(crate::FieldError::new(
+                format!("metadata.annotations[{DEDICATED_ETCD_ANNOTATION}]"),
+                crate::field::Problem::NotOneOf {
+                    allowed: DEDICATED_ETCD_SIZES,
+                    found: v.clone(),
+                },
+            )),
+        }
+    }
+
     /// Applies Kamaji's defaults in place. Assigns a uid first if the object has none, because
     /// the datastore schema and user derive from it (names collide across namespaces).
     ///

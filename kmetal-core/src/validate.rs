@@ -164,6 +164,19 @@ pub fn validate_tenant(tcp: &TenantControlPlane) -> Result<(), FieldErrors> {
             },
         );
     }
+    match tcp.dedicated_etcd_members() {
+        Err(e) => c.0.push(e),
+        Ok(Some(_)) if spec.data_store.is_some() => c.push(
+            format!(
+                "metadata.annotations[{}]",
+                crate::tenant::DEDICATED_ETCD_ANNOTATION
+            ),
+            Problem::ConflictsWith {
+                other: "spec.dataStore",
+            },
+        ),
+        Ok(_) => {}
+    }
     c.identifier("spec.dataStoreSchema", spec.data_store_schema.as_deref());
     c.identifier(
         "spec.dataStoreUsername",
@@ -547,6 +560,22 @@ pub fn validate_tenant_update(
         "spec.dataStoreUsername",
         o.data_store_username.as_deref(),
         n.data_store_username.as_deref(),
+    );
+    // A dedicated etcd is not resized or dropped in place (its members hold the data).
+    let etcd = |t: &TenantControlPlane| {
+        t.metadata
+            .annotations
+            .get(crate::tenant::DEDICATED_ETCD_ANNOTATION)
+            .cloned()
+    };
+    immutable(
+        &mut c,
+        &format!(
+            "metadata.annotations[{}]",
+            crate::tenant::DEDICATED_ETCD_ANNOTATION
+        ),
+        etcd(old).as_deref(),
+        etcd(new).as_deref(),
     );
     let domain = |t: &TenantControlPlane| {
         t.spec

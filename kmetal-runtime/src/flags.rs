@@ -337,6 +337,69 @@ pub fn controller(
     Ok(f)
 }
 
+/// Whether a dedicated etcd member founds its cluster or joins a running one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    /// `--initial-cluster-state=new`: every member of `initial_cluster` starts together.
+    New,
+    /// `--initial-cluster-state=existing`: a member added to a running cluster.
+    Existing,
+}
+
+/// What one dedicated etcd member's command line is built from.
+#[derive(Debug, Clone, Copy)]
+pub struct EtcdMemberInputs<'a> {
+    /// The member's name.
+    pub name: &'a str,
+    /// Its data dir.
+    pub data_dir: &'a Path,
+    /// Where clients reach it.
+    pub client: SocketAddr,
+    /// Where the other members reach it.
+    pub peer: SocketAddr,
+    /// `name=https://peer` for every member it starts with, itself included.
+    pub initial_cluster: &'a str,
+    /// New cluster or joining one.
+    pub state: ClusterState,
+    /// The cluster's token (members of different clusters never join each other).
+    pub token: &'a str,
+}
+
+/// A dedicated etcd member's flags: client and peer TLS with certificate authentication,
+/// both from the tenant's etcd CA (kubeadm's `etcd/server` and `etcd/peer` certificates).
+pub fn etcd_member(layout: &TenantLayout, m: &EtcdMemberInputs<'_>) -> Result<Flags, LayoutError> {
+    let trust = layout.trust(Ca::Etcd)?;
+    let mut f = Flags::new();
+    f.set("name", m.name)
+        .path("data-dir", m.data_dir)
+        .set("listen-client-urls", format!("https://{}", m.client))
+        .set("advertise-client-urls", format!("https://{}", m.client))
+        .set("listen-peer-urls", format!("https://{}", m.peer))
+        .set("initial-advertise-peer-urls", format!("https://{}", m.peer))
+        .set("initial-cluster", m.initial_cluster)
+        .set(
+            "initial-cluster-state",
+            match m.state {
+                ClusterState::New => "new",
+                ClusterState::Existing => "existing",
+            },
+        )
+        .set("initial-cluster-token", m.token)
+        .path("cert-file", &layout.file("pki/etcd/server.crt")?)
+        .path("key-file", &layout.file("pki/etcd/server.key")?)
+        .path("trusted-ca-file", &trust)
+        .set("client-cert-auth", "true")
+        .path("peer-cert-file", &layout.file("pki/etcd/peer.crt")?)
+        .path("peer-key-file", &layout.file("pki/etcd/peer.key")?)
+        .path("peer-trusted-ca-file", &trust)
+        .set("peer-client-cert-auth", "true")
+        // kube-apiserver's watch cache asks for progress; kubeadm's static pod sets this too.
+        .set("watch-progress-notify-interval", "5s")
+        .set("logger", "zap")
+        .set("log-outputs", "stderr");
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

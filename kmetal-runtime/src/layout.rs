@@ -139,14 +139,26 @@ impl TenantLayout {
         Ok(path)
     }
 
-    /// `logs/<replica>.log`: the replica's stdout and stderr, across restarts.
-    pub fn log(&self, replica: ReplicaId) -> PathBuf {
-        self.dir.join("logs").join(format!("{replica}.log"))
+    /// `logs/<process>.log`: a replica's (or etcd member's) stdout and stderr, across
+    /// restarts.
+    pub fn log(&self, process: impl std::fmt::Display) -> PathBuf {
+        self.dir.join("logs").join(format!("{process}.log"))
     }
 
-    /// `run/<replica>.pid`: the running process, for adoption after a runtime restart.
-    pub fn pidfile(&self, replica: ReplicaId) -> PathBuf {
-        self.dir.join("run").join(format!("{replica}.pid"))
+    /// `run/<process>.pid`: the running process, for adoption after a runtime restart.
+    pub fn pidfile(&self, process: impl std::fmt::Display) -> PathBuf {
+        self.dir.join("run").join(format!("{process}.pid"))
+    }
+
+    /// `run/<process>.<what>`: a small file a process's owner keeps across runtime
+    /// restarts (its ports, its command line).
+    pub fn run_file(&self, process: impl std::fmt::Display, what: &str) -> PathBuf {
+        self.dir.join("run").join(format!("{process}.{what}"))
+    }
+
+    /// `etcd/<member>/`: a dedicated etcd member's data dir (not created: etcd makes it).
+    pub fn etcd_data(&self, member: &str) -> PathBuf {
+        self.dir.join("etcd").join(member)
     }
 
     /// `run/<replica>/`: the replica's `--cert-dir`, created.

@@ -10,6 +10,8 @@
 //!   replicas, service address, network settings, `extraArgs`).
 //! - [`process`]: [`ProcessRuntime`], the runtime that runs components as local processes
 //!   (the stand-in for the under cluster's pods), each tenant behind its own [`Front`].
+//! - [`etcd`]: [`EtcdCluster`], a tenant's dedicated etcd: members supervised, a dead one
+//!   replaced while the others hold quorum, quorum loss reported in [`EtcdStatus`].
 //! - [`catalog`]: [`Catalog`], which Kubernetes versions have binaries, found by asking them.
 //! - [`flags`]: the components' command lines, Kamaji's recipe, with the user's `extraArgs`
 //!   winning flag by flag.
@@ -26,6 +28,7 @@
 
 pub mod bootstrap;
 pub mod catalog;
+pub mod etcd;
 pub mod flags;
 pub mod front;
 pub mod http;
@@ -37,6 +40,7 @@ pub mod runtime;
 pub mod supervisor;
 
 pub use catalog::{Catalog, CatalogError, Component};
+pub use etcd::{EtcdCluster, EtcdClusterError, EtcdPlan, EtcdStatus, MemberState, MemberStatus};
 pub use flags::{Egress, EtcdClient, EtcdTls};
 pub use front::Front;
 pub use plan::{ControlPlanePlan, PlanError};

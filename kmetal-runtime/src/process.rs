@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, broadcast};
 use tokio::task::JoinSet;
 
 use crate::catalog::{Catalog, Component};
+use crate::etcd::{EtcdCluster, EtcdPlan, EtcdStatus};
 use crate::flags::{self, ApiserverInputs, Flags};
 use crate::front::Front;
 use crate::http::Client;
@@ -37,6 +38,8 @@ pub struct ProcessRuntimeConfig {
     pub probe_timeout: Duration,
     /// SIGTERM to SIGKILL on stop.
     pub stop_grace: Duration,
+    /// The etcd binary dedicated etcds run (etcd 3.6; `None`: no dedicated etcd here).
+    pub etcd_binary: Option<PathBuf>,
 }
 
 impl ProcessRuntimeConfig {
@@ -48,6 +51,7 @@ impl ProcessRuntimeConfig {
             backoff: Backoff::default(),
             probe_timeout: Duration::from_secs(3),
             stop_grace: Duration::from_secs(10),
+            etcd_binary: None,
         }
     }
 }
@@ -75,6 +79,7 @@ struct Tenant {
 pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
     tenants: Mutex<HashMap<TenantId, Tenant>>,
+    etcds: Mutex<HashMap<TenantId, EtcdCluster>>,
     changes: broadcast::Sender<TenantId>,
 }
 
@@ -92,6 +97,7 @@ impl ProcessRuntime {
         Self {
             config,
             tenants: Mutex::default(),
+            etcds: Mutex::default(),
             changes: broadcast::channel(256).0,
         }
     }
@@ -119,11 +125,18 @@ impl ProcessRuntime {
             .iter()
             .find(|r| r.id == replica)?;
         let pid = r.supervisor.state().pid()?;
-        let pid_raw = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)?;
-        rustix::process::kill_process(pid_raw, rustix::process::Signal::KILL).ok()?;
-        Some(pid)
+        crate::supervisor::kill(pid).then_some(pid)
+    }
+
+    /// Kills one member of the tenant's dedicated etcd (SIGKILL), for tests and drills.
+    /// Returns the pid killed.
+    pub async fn kill_etcd_member(&self, tenant: &TenantId, member: &str) -> Option<u32> {
+        self.etcds
+            .lock()
+            .await
+            .get(tenant)?
+            .kill_member(member)
+            .await
     }
 
     fn command_line(
@@ -182,7 +195,7 @@ impl ProcessRuntime {
     /// The replica's own address: the one it had (kept in `run/<replica>.addr`, so a restarted
     /// runtime builds the same command line and adopts the process), or a free loopback port.
     fn replica_addr(layout: &TenantLayout, id: ReplicaId) -> Result<SocketAddr, RuntimeError> {
-        let file = layout.dir().join("run").join(format!("{id}.addr"));
+        let file = layout.run_file(id, "addr");
         if let Some(addr) = std::fs::read_to_string(&file)
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -460,6 +473,30 @@ impl ControlPlaneRuntime for ProcessRuntime {
         Ok(status)
     }
 
+    async fn ensure_etcd(&self, plan: &EtcdPlan) -> Result<EtcdStatus, RuntimeError> {
+        let mut etcds = self.etcds.lock().await;
+        let cluster = match etcds.entry(plan.tenant.clone()) {
+            Entry::Occupied(e) => {
+                let c = e.into_mut();
+                c.update(plan).await?;
+                c
+            }
+            Entry::Vacant(v) => {
+                let binary = self.config.etcd_binary.clone().unwrap_or_default();
+                let layout =
+                    TenantLayout::write(self.tenant_dir(&plan.tenant), plan.bundle.clone())?;
+                v.insert(EtcdCluster::start(
+                    plan,
+                    binary,
+                    layout,
+                    self.config.stop_grace,
+                    self.changes.clone(),
+                )?)
+            }
+        };
+        Ok(cluster.status())
+    }
+
     async fn status(&self, tenant: &TenantId) -> Option<ControlPlaneStatus> {
         self.tenants.lock().await.get(tenant)?.status.clone()
     }
@@ -470,6 +507,10 @@ impl ControlPlaneRuntime for ProcessRuntime {
             for r in std::mem::take(&mut t.replicas) {
                 r.supervisor.stop(self.config.stop_grace).await;
             }
+        }
+        let etcd = self.etcds.lock().await.remove(tenant);
+        if let Some(etcd) = etcd {
+            etcd.stop().await;
         }
         // Processes left by an earlier runtime that never ran this tenant again.
         let dir = self.tenant_dir(tenant);
@@ -488,6 +529,12 @@ impl ControlPlaneRuntime for ProcessRuntime {
         let mut set = tokio::task::JoinSet::new();
         for stop in stops {
             set.spawn(stop);
+        }
+        while set.join_next().await.is_some() {}
+        // The api-servers are gone: their etcds may stop now.
+        let etcds: Vec<EtcdCluster> = self.etcds.lock().await.drain().map(|(_, c)| c).collect();
+        for c in etcds {
+            set.spawn(c.stop());
         }
         while set.join_next().await.is_some() {}
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kmetal_core::version::KubernetesVersion;
 
 use crate::catalog::{CatalogError, Component};
+use crate::etcd::{EtcdClusterError, EtcdPlan, EtcdStatus};
 use crate::flags::FlagError;
 use crate::layout::{LayoutError, ReplicaId};
 use crate::plan::ControlPlanePlan;
@@ -86,6 +87,9 @@ pub enum RuntimeError {
     /// The probes' TLS client was refused (a certificate or key that does not parse).
     #[error("cannot make the probes' TLS client")]
     Client(#[source] crate::http::HttpError),
+    /// The tenant's dedicated etcd could not be run.
+    #[error("dedicated etcd")]
+    Etcd(#[from] EtcdClusterError),
 }
 
 /// Where one replica is.
@@ -178,10 +182,16 @@ pub trait ControlPlaneRuntime: Send + Sync {
     /// time, never one while another is not ready) and reports where it is.
     async fn ensure(&self, plan: &ControlPlanePlan) -> Result<ControlPlaneStatus, RuntimeError>;
 
+    /// Runs the tenant's dedicated etcd (starting it, or moving it toward `plan`) and
+    /// reports where its members are. Called before [`ensure`](Self::ensure), whose plan
+    /// then names the members' client URLs.
+    async fn ensure_etcd(&self, plan: &EtcdPlan) -> Result<EtcdStatus, RuntimeError>;
+
     /// The last status of a tenant it runs.
     async fn status(&self, tenant: &TenantId) -> Option<ControlPlaneStatus>;
 
-    /// Stops every process of the tenant and removes its files and addresses.
+    /// Stops every process of the tenant (its dedicated etcd too) and removes its files and
+    /// addresses.
     async fn remove(&self, tenant: &TenantId);
 
     /// Stops every tenant's processes (files stay, so a new runtime starts them again).

@@ -459,13 +459,16 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-fn signal(pid: u32, sig: rustix::process::Signal) {
-    if let Some(pid) = i32::try_from(pid)
+fn signal(pid: u32, sig: rustix::process::Signal) -> bool {
+    i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process(pid, sig);
-    }
+        .is_some_and(|pid| rustix::process::kill_process(pid, sig).is_ok())
+}
+
+/// SIGKILLs `pid` the way a crash would (for drills); whether the signal was sent.
+pub(crate) fn kill(pid: u32) -> bool {
+    signal(pid, rustix::process::Signal::KILL)
 }
 
 #[cfg(test)]
