@@ -55,7 +55,7 @@ fn the_demo_serves_every_bundled_tenant() {
         }
     }
     let names: Vec<&str> = commands.iter().map(|c| c.0.as_str()).collect();
-    assert_eq!(names, ["acme", "globex", "initech"], "{printed}");
+    assert_eq!(names, ["acme", "globex", "hooli", "initech"], "{printed}");
     for (name, _, kubectl, conf) in &commands {
         let out = std::process::Command::new(kubectl)
             .args(["--kubeconfig", conf, "get", "ns", "-o", "name"])
@@ -88,7 +88,7 @@ fn the_demo_serves_every_bundled_tenant() {
 
     let demo_dir = std::env::temp_dir().join(format!("kmetal-demo-{pid}"));
     let mut pids = Vec::new();
-    for tenant in ["acme", "globex", "initech"] {
+    for tenant in ["acme", "globex", "hooli", "initech"] {
         let run = demo_dir
             .join("control-planes/tenants")
             .join(tenant)
@@ -105,8 +105,8 @@ fn the_demo_serves_every_bundled_tenant() {
     }
     assert_eq!(
         pids.len(),
-        18,
-        "3 + 2 + 1 replicas of three components: {pids:?}"
+        24,
+        "3 + 2 + 1 + 1 replicas of three components and hooli's three etcd members: {pids:?}"
     );
     drop(op);
     assert!(

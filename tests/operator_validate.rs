@@ -37,7 +37,7 @@ fn every_sample_manifest_validates() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.ends_with(": ok")).count(),
-        10,
+        11,
         "{stdout}"
     );
     for kind in [

@@ -54,6 +54,49 @@ impl From<StoreError> for Halt {
     }
 }
 
+/// How long each phase of a pass took, logged at debug level when the pass ends (also when
+/// it halts), so a slow first reconcile shows where the time went.
+struct Laps {
+    tenant: String,
+    start: std::time::Instant,
+    last: std::time::Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn new(key: &ObjectKey) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            tenant: key.display(),
+            start: now,
+            last: now,
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl Drop for Laps {
+    fn drop(&mut self) {
+        let laps: Vec<String> = self
+            .laps
+            .iter()
+            .map(|(p, d)| format!("{p} {:.1} ms", d.as_secs_f64() * 1e3))
+            .collect();
+        tracing::debug!(
+            tenant = %self.tenant,
+            total_ms = self.start.elapsed().as_secs_f64() * 1e3,
+            "pass: {}",
+            laps.join(", ")
+        );
+    }
+}
+
 /// Which DataStore the tenant wants and whether that moves it.
 struct Target {
     name: String,
@@ -69,27 +112,39 @@ impl Reconciler {
         tcp: &mut TenantControlPlane,
         problems: &[FieldError],
     ) -> Result<(), Halt> {
+        let mut laps = Laps::new(p.key);
         validate(p, tcp, problems)?;
         self.schedule(p, tcp).await?;
+        laps.lap("schedule");
+        refuse_storage_switch(p)?;
         if !p.placed_etcd.is_empty() {
             let bundle = self.certificates(p, tcp, None).await?;
+            laps.lap("certificates");
             let etcd = self.dedicated_etcd(p, &bundle).await?;
+            laps.lap("dedicated etcd");
             self.konnectivity(p, &bundle).await?;
+            laps.lap("konnectivity");
             self.version(p, tcp).await?;
             let served = self.control_plane(p, tcp, &bundle, etcd).await?;
+            laps.lap("control plane");
             ready(p, tcp, &bundle, served);
             return Ok(());
         }
         let target = self.target(p, tcp);
         let slice = self.datastore(p, tcp, &target.name).await?;
+        laps.lap("datastore");
         let bundle = self.certificates(p, tcp, Some(&target.name)).await?;
+        laps.lap("certificates");
         let (etcd, live) = self.endpoint(p, &bundle, &slice, target.migrating).await?;
+        laps.lap("endpoint");
         if target.migrating {
             self.migrate(p, tcp, &target, &live, &bundle, &slice)
                 .await?;
+            laps.lap("migration");
         }
         storage_status(p, &target.name, &slice);
         self.konnectivity(p, &bundle).await?;
+        laps.lap("konnectivity");
         self.version(p, tcp).await?;
         let etcd = EtcdClient {
             servers: vec![format!("https://{etcd}")],
@@ -97,6 +152,7 @@ impl Reconciler {
             prefix: None,
         };
         let served = self.control_plane(p, tcp, &bundle, etcd).await?;
+        laps.lap("control plane");
         ready(p, tcp, &bundle, served);
         Ok(())
     }
@@ -370,6 +426,31 @@ impl Reconciler {
         p.status.kubernetes_resources.version.version = Some(want);
         Ok(())
     }
+}
+
+/// A tenant does not move between a DataStore slice and a dedicated etcd: that would start
+/// it on an empty store (a migration into or out of a dedicated etcd is not built yet).
+fn refuse_storage_switch(p: &mut Pass<'_>) -> Result<(), Halt> {
+    let storage = &p.status.storage;
+    let why = match (&storage.data_store_name, &storage.dedicated_etcd) {
+        (Some(ds), _) if !p.placed_etcd.is_empty() => format!(
+            "the tenant's data is on dataStore {ds}; moving it to a dedicated etcd is not \
+             supported: remove the kmetal.io/dedicated-etcd annotation"
+        ),
+        (None, Some(_)) if p.placed_etcd.is_empty() => "the tenant's data is on its dedicated \
+             etcd; moving it to a dataStore is not supported: restore the \
+             kmetal.io/dedicated-etcd annotation"
+            .to_string(),
+        _ => return Ok(()),
+    };
+    set_condition(
+        &mut p.status,
+        "DataStoreReady",
+        false,
+        "SwitchUnsupported",
+        why,
+    );
+    Err(Halt::NotReady("storage switch refused"))
 }
 
 /// Decoding problems and validation failures: the spec is refused as a whole.

@@ -449,6 +449,10 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
                     let rest = key.trim_start_matches(PREFIX);
                     let parts: Vec<&str> = rest.splitn(3, '/').collect();
                     match parts.as_slice() {
+                        // Our own status writes bring nothing new; the passes that wrote
+                        // them requeue by themselves when there is more to do.
+                        ["TenantControlPlane", ..]
+                            if store.is_own_write(&key, ev.kv.mod_revision) => {}
                         ["TenantControlPlane", ns, name] => {
                             let _ =
                                 tx.send(ObjectKey::new(Kind::TenantControlPlane, Some(ns), name));

@@ -5,6 +5,7 @@
 //! reconcilers of several processes never overwrite each other's changes: `apply` owns
 //! metadata and spec, reconcilers own status and finalizers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -152,6 +153,9 @@ pub struct Store {
     ds: Arc<dyn Datastore>,
     /// Writes succeed only while this key holds this value (a region's leader key).
     fence: Option<Arc<(String, String)>>,
+    /// The revision of this process's last write per object key (shared with the fenced
+    /// copies), so the watch can tell its own status writes from other writers' changes.
+    own: Arc<std::sync::Mutex<HashMap<String, i64>>>,
 }
 
 /// A Secret's `data`, decoded from base64 (undecodable values read as empty).
@@ -172,13 +176,27 @@ pub use kmetal::core::time::now_rfc3339;
 
 impl Store {
     pub fn new(ds: Arc<dyn Datastore>) -> Self {
-        Self { ds, fence: None }
+        Self {
+            ds,
+            fence: None,
+            own: Arc::default(),
+        }
+    }
+
+    /// Whether the write at `revision` to `key` (a raw store key) was this process's own.
+    pub fn is_own_write(&self, key: &str, revision: i64) -> bool {
+        self.own
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .is_some_and(|r| *r == revision)
     }
 
     /// The same store, with every write fenced on `key` still holding `value`.
     pub fn fenced(&self, key: String, value: String) -> Self {
         Self {
             ds: self.ds.clone(),
+            own: self.own.clone(),
             fence: Some(Arc::new((key, value))),
         }
     }
@@ -256,6 +274,12 @@ impl Store {
             failure: vec![],
         };
         let r = self.ds.txn(txn).await?;
+        if r.succeeded {
+            self.own
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.key(), r.revision);
+        }
         Ok(r.succeeded.then_some(r.revision))
     }
 

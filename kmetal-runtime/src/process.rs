@@ -7,6 +7,7 @@ use std::collections::hash_map::Entry;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Mutex, broadcast};
@@ -70,7 +71,11 @@ struct Tenant {
     front: Front,
     replicas: Vec<Replica>,
     /// kubeadm's `kubeadm:cluster-admins` binding exists (admin.conf is an admin).
-    bootstrapped: bool,
+    bootstrapped: Arc<AtomicBool>,
+    /// Makes that binding as soon as a replica answers, between probes.
+    bootstrapper: JoinSet<()>,
+    /// The probes' client per replica address, for the bundle with this digest.
+    clients: (u64, HashMap<SocketAddr, Client>),
     status: Option<ControlPlaneStatus>,
     watcher: JoinSet<()>,
 }
@@ -251,11 +256,21 @@ impl ProcessRuntime {
             });
         }
         let watcher = self.watch_replicas(&plan.tenant, &replicas);
+        let bootstrapped = Arc::new(AtomicBool::new(false));
+        let mut bootstrapper = JoinSet::new();
+        let clients = replicas
+            .iter()
+            .filter(|r| r.id.component == Component::ApiServer)
+            .map(|r| self.probe_client(&layout, plan, r.addr))
+            .collect::<Result<Vec<_>, _>>()?;
+        bootstrapper.spawn(bootstrap_early(clients, bootstrapped.clone()));
         Ok(Tenant {
             layout,
             front,
             replicas,
-            bootstrapped: false,
+            bootstrapped,
+            bootstrapper,
+            clients: (0, HashMap::new()),
             status: None,
             watcher,
         })
@@ -346,23 +361,48 @@ impl ProcessRuntime {
         Ok(())
     }
 
+    /// A client for one replica as the probes use it: `super-admin.conf`'s identity, the
+    /// cluster CA, the probe timeout.
+    fn probe_client(
+        &self,
+        layout: &TenantLayout,
+        plan: &ControlPlanePlan,
+        addr: SocketAddr,
+    ) -> Result<Client, RuntimeError> {
+        let ca = layout.pem("pki/ca.crt")?;
+        let identity = identity(layout, "super-admin.conf")?;
+        Ok(Client::tls(
+            addr,
+            &plan.server_name,
+            ca,
+            Some((&identity.0, &identity.1)),
+        )
+        .map_err(RuntimeError::Client)?
+        .with_timeout(self.config.probe_timeout))
+    }
+
     async fn probe(
         &self,
         t: &mut Tenant,
         plan: &ControlPlanePlan,
     ) -> Result<ControlPlaneStatus, RuntimeError> {
-        let ca = t.layout.pem("pki/ca.crt")?;
-        let identity = identity(&t.layout, "super-admin.conf")?;
-        let timeout = self.config.probe_timeout;
+        // Clients are made once per replica and bundle (parsing the identity and building
+        // the TLS configuration is most of a probe's cost).
+        let digest = t.layout.digest();
+        if t.clients.0 != digest {
+            t.clients = (digest, HashMap::new());
+        }
+        for r in &t.replicas {
+            if let Entry::Vacant(v) = t.clients.1.entry(r.addr) {
+                v.insert(self.probe_client(&t.layout, plan, r.addr)?);
+            }
+        }
+        let clients = t.clients.1.clone();
         let client_for = |addr: SocketAddr| -> Result<Client, RuntimeError> {
-            Ok(Client::tls(
-                addr,
-                &plan.server_name,
-                ca,
-                Some((&identity.0, &identity.1)),
-            )
-            .map_err(RuntimeError::Client)?
-            .with_timeout(timeout))
+            match clients.get(&addr) {
+                Some(c) => Ok(c.clone()),
+                None => self.probe_client(&t.layout, plan, addr),
+            }
         };
         let mut replicas = Vec::new();
         let mut ready_apiservers = Vec::new();
@@ -399,8 +439,11 @@ impl ProcessRuntime {
         let mut leases = Vec::new();
         if let Some(addr) = ready_apiservers.first() {
             let client = client_for(*addr)?;
-            if !t.bootstrapped {
-                t.bootstrapped = crate::bootstrap::bind_cluster_admins(&client).await.is_ok();
+            if !t.bootstrapped.load(Ordering::Acquire)
+                && crate::bootstrap::bind_cluster_admins(&client).await.is_ok()
+            {
+                t.bootstrapped.store(true, Ordering::Release);
+                t.bootstrapper.abort_all();
             }
             for c in [Component::ControllerManager, Component::Scheduler] {
                 let holder = match probe::lease(&client, "kube-system", c.binary()).await {
@@ -438,6 +481,21 @@ fn replica_ids(replicas: usize) -> Vec<ReplicaId> {
 }
 
 /// The client certificate and key of one of the bundle's kubeconfigs.
+/// Tries the `kubeadm:cluster-admins` binding on every api-server replica every 100 ms
+/// until one takes it: the api-server accepts it well before `/readyz` is ok, and then
+/// admin.conf works from the api-server's first moments rather than from the next probe.
+async fn bootstrap_early(clients: Vec<Client>, done: Arc<AtomicBool>) {
+    while !done.load(Ordering::Acquire) {
+        for c in &clients {
+            if crate::bootstrap::bind_cluster_admins(c).await.is_ok() {
+                done.store(true, Ordering::Release);
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn identity(
     layout: &TenantLayout,
     kubeconfig: &'static str,

@@ -437,7 +437,14 @@ fn lease_keys(c: &Connection, id: LeaseId) -> Sql<Vec<Bytes>> {
 struct Readers {
     path: PathBuf,
     pool: Arc<Mutex<Vec<Db>>>,
+    /// The WAL file as the feed last saw it (modified time, length; `None` before the first
+    /// look), and when to look next.
+    wal_seen: Option<Option<(Option<SystemTime>, u64)>>,
+    next_look: tokio::time::Instant,
 }
+
+/// How often the feed looks for commits by other processes on the same file.
+const FOREIGN_COMMITS: Duration = Duration::from_millis(100);
 
 impl Readers {
     /// Runs `f` on a reader connection on the blocking pool.
@@ -542,8 +549,25 @@ impl Dialect for Readers {
 impl LogFeed for Readers {
     type Error = SqliteError;
 
+    /// This process's commits wake the hub through its commit channel; another process's (a
+    /// second gateway, `operator apply` on the management store) show only in the file, as
+    /// a WAL that grew or was rewritten. A stat every 100 ms finds them; the hub's own tick
+    /// would take up to a second (kine polls its SQL log once a second too).
     async fn changed(&mut self) -> Option<Revision> {
-        std::future::pending().await
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        loop {
+            // A deadline, not a sleep: the hub drops this future on every other wake-up.
+            tokio::time::sleep_until(self.next_look).await;
+            self.next_look = tokio::time::Instant::now() + FOREIGN_COMMITS;
+            let now = std::fs::metadata(&wal)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()));
+            match self.wal_seen.replace(now) {
+                Some(before) if before != now => return None,
+                _ => {}
+            }
+        }
     }
 
     async fn current(&mut self) -> Sql<Revision> {
@@ -595,6 +619,8 @@ impl SqliteStore {
         let readers = Readers {
             path: cfg.path.clone(),
             pool: Arc::new(Mutex::new(Vec::with_capacity(cfg.readers))),
+            wal_seen: None,
+            next_look: tokio::time::Instant::now(),
         };
         let log = SqlLog::start(
             readers.clone(),
