@@ -4,7 +4,7 @@
 //! control plane costs on this machine) in the same run:
 //!
 //! - time from `apply` to the first successful `kubectl get ns` with the tenant's admin.conf,
-//!   per driver (SQLite, PostgreSQL, shared etcd), against the bare api-server's start to its
+//!   per driver (SQLite, PostgreSQL, shared etcd, a dedicated etcd), against the bare api-server's start to its
 //!   first `kubectl get ns` (target: ≤ 5 s on SQLite);
 //! - memory per running tenant (RSS of its processes), how many this machine holds, and the
 //!   operator's own RSS per tenant (Kamaji publishes about 6 MiB and 12 mCPU of operator
@@ -106,11 +106,18 @@ impl Env {
     }
 }
 
+/// A one-replica tenant on DataStore `store`, or with a three-member dedicated etcd when
+/// `store` is empty.
 fn tenant_yaml(name: &str, store: &str, address: &str, version: &str) -> String {
+    let (annotations, data_store) = if store.is_empty() {
+        ("{kmetal.io/dedicated-etcd: \"3\"}", String::new())
+    } else {
+        ("{}", format!("\n  dataStore: {store}"))
+    };
     format!(
         "apiVersion: kamaji.clastix.io/v1alpha1\nkind: TenantControlPlane\n\
-         metadata: {{name: {name}, namespace: tenants}}\n\
-         spec:\n  dataStore: {store}\n  controlPlane: {{deployment: {{replicas: 1}}, service: {{serviceType: ClusterIP}}}}\n  \
+         metadata: {{name: {name}, namespace: tenants, annotations: {annotations}}}\n\
+         spec:{data_store}\n  controlPlane: {{deployment: {{replicas: 1}}, service: {{serviceType: ClusterIP}}}}\n  \
          kubernetes: {{version: {version}}}\n  networkProfile: {{address: {address}, port: {}}}\n",
         free_port().unwrap()
     )
@@ -224,22 +231,28 @@ fn main() {
         ("SQLite", "embedded"),
         ("PostgreSQL", "postgres-main"),
         ("etcd", "etcd-shared"),
+        ("dedicated etcd", ""),
     ];
     let mut ours: Vec<Vec<f64>> = vec![Vec::new(); drivers.len()];
     let mut peer = Vec::new();
     let mut tenants = Vec::new();
+    let mut dedicated = Vec::new();
     let mut address = 0u8;
     for round in 0..rounds {
         for (i, (driver, store)) in drivers.iter().enumerate() {
             address += 1;
-            let name = format!("{}-{round}", driver.to_lowercase());
+            let name = format!("{}-{round}", driver.to_lowercase().replace(' ', "-"));
             let started = Instant::now();
             env.apply(
                 &format!("{name}.yaml"),
                 &tenant_yaml(&name, store, &format!("127.0.86.{address}"), &version),
             );
             ours[i].push(until_kubectl(&kubectl, &env.admin_conf(&name), started));
-            tenants.push(name);
+            if store.is_empty() {
+                dedicated.push(name);
+            } else {
+                tenants.push(name);
+            }
         }
         let started = Instant::now();
         let api = rt
@@ -266,7 +279,7 @@ fn main() {
             String::new()
         };
         println!(
-            "  kmetal tenant on {driver:<10} {t:6.2} s  = {:.2}x the bare api-server{target}",
+            "  kmetal tenant on {driver:<14} {t:6.2} s  = {:.2}x the bare api-server{target}",
             t / bare
         );
     }
@@ -278,8 +291,15 @@ fn main() {
         .map(|t| env.pids(t).into_iter().map(rss_kib).sum())
         .collect();
     let tenant_rss = median(per_tenant.iter().map(|k| *k as f64).collect());
+    let dedicated_rss = median(
+        dedicated
+            .iter()
+            .map(|t| env.pids(t).into_iter().map(rss_kib).sum::<u64>() as f64)
+            .collect(),
+    );
     let op_rss = rss_kib(op_pid);
-    let op_per_tenant = op_rss.saturating_sub(op_rss_idle) as f64 / tenants.len() as f64;
+    let op_per_tenant =
+        op_rss.saturating_sub(op_rss_idle) as f64 / (tenants.len() + dedicated.len()) as f64;
     let holds = mem_total_kib() as f64 / tenant_rss;
     println!(
         "memory with {} running tenants (1 api-server replica each):",
@@ -289,6 +309,10 @@ fn main() {
         "  per tenant (api-server + controller-manager + scheduler RSS): {:.0} MiB -> this machine ({} GiB) holds about {holds:.0}",
         tenant_rss / 1024.0,
         mem_total_kib() / 1024 / 1024
+    );
+    println!(
+        "  a tenant with a dedicated etcd (the same and three etcd members): {:.0} MiB",
+        dedicated_rss / 1024.0
     );
     println!(
         "  operator: {} MiB idle, {} MiB now: {:.1} MiB per tenant (Kamaji publishes ~6 MiB) = {:.2}x Kamaji's",
@@ -319,7 +343,7 @@ fn main() {
         "{batch} more SQLite tenants applied at once: all answer kubectl in {took:.1} s; operator CPU {:.0} ms per tenant, RSS {} MiB with {} tenants",
         cpu * 1e3 / batch as f64,
         rss_kib(op_pid) / 1024,
-        tenants.len() + batch
+        tenants.len() + dedicated.len() + batch
     );
     drop(operator);
 }

@@ -378,7 +378,7 @@ impl EtcdCluster {
     }
 
     /// Stops the monitor and every member (SIGTERM, SIGKILL after the grace period).
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         self.monitor.abort();
         let mut inner = self.inner.lock().await;
         let grace = inner.stop_grace;

@@ -80,11 +80,20 @@ struct Tenant {
     watcher: JoinSet<()>,
 }
 
+/// A tenant's place in the runtime: what runs for it, or that it was removed (an `ensure`
+/// that raced the removal must not start it again in a slot nobody can reach).
+#[derive(Default)]
+struct Slot {
+    tenant: Option<Tenant>,
+    removed: bool,
+}
+
 /// Runs tenant control planes as local processes.
 pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
-    tenants: Mutex<HashMap<TenantId, Tenant>>,
-    etcds: Mutex<HashMap<TenantId, EtcdCluster>>,
+    /// One lock per tenant: a slow probe of one tenant never holds up another's.
+    tenants: Mutex<HashMap<TenantId, Arc<Mutex<Slot>>>>,
+    etcds: Mutex<HashMap<TenantId, Arc<EtcdCluster>>>,
     changes: broadcast::Sender<TenantId>,
 }
 
@@ -123,14 +132,22 @@ impl ProcessRuntime {
     /// Kills one replica's process (SIGKILL) the way a crash would, for tests and drills;
     /// its supervisor starts it again after the backoff. Returns the pid killed.
     pub async fn kill_replica(&self, tenant: &TenantId, replica: ReplicaId) -> Option<u32> {
-        let tenants = self.tenants.lock().await;
-        let r = tenants
-            .get(tenant)?
+        let slot = self.tenants.lock().await.get(tenant)?.clone();
+        let slot = slot.lock().await;
+        let r = slot
+            .tenant
+            .as_ref()?
             .replicas
             .iter()
             .find(|r| r.id == replica)?;
         let pid = r.supervisor.state().pid()?;
         crate::supervisor::kill(pid).then_some(pid)
+    }
+
+    /// The tenant's slot, made if it has none; never a removed one.
+    async fn slot(&self, tenant: &TenantId) -> Arc<Mutex<Slot>> {
+        let mut map = self.tenants.lock().await;
+        map.entry(tenant.clone()).or_default().clone()
     }
 
     /// Kills one member of the tenant's dedicated etcd (SIGKILL), for tests and drills.
@@ -517,53 +534,66 @@ impl ControlPlaneRuntime for ProcessRuntime {
         for c in Component::ALL {
             self.config.catalog.binary(c, &plan.version)?;
         }
-        let mut tenants = self.tenants.lock().await;
-        let t = match tenants.entry(plan.tenant.clone()) {
-            Entry::Occupied(e) => {
-                let t = e.into_mut();
-                self.update_tenant(t, plan).await?;
-                t
+        loop {
+            let slot = self.slot(&plan.tenant).await;
+            let mut slot = slot.lock().await;
+            if slot.removed {
+                // Removed while this call waited: the map has a fresh slot now.
+                continue;
             }
-            Entry::Vacant(v) => v.insert(self.start_tenant(plan).await?),
-        };
-        let status = self.probe(t, plan).await?;
-        t.status = Some(status.clone());
-        Ok(status)
+            let t = match &mut slot.tenant {
+                Some(t) => {
+                    self.update_tenant(t, plan).await?;
+                    t
+                }
+                empty @ None => empty.insert(self.start_tenant(plan).await?),
+            };
+            let status = self.probe(t, plan).await?;
+            t.status = Some(status.clone());
+            return Ok(status);
+        }
     }
 
     async fn ensure_etcd(&self, plan: &EtcdPlan) -> Result<EtcdStatus, RuntimeError> {
-        let mut etcds = self.etcds.lock().await;
-        let cluster = match etcds.entry(plan.tenant.clone()) {
-            Entry::Occupied(e) => {
-                let c = e.into_mut();
-                c.update(plan).await?;
-                c
-            }
-            Entry::Vacant(v) => {
-                let binary = self.config.etcd_binary.clone().unwrap_or_default();
-                let layout =
-                    TenantLayout::write(self.tenant_dir(&plan.tenant), plan.bundle.clone())?;
-                v.insert(EtcdCluster::start(
-                    plan,
-                    binary,
-                    layout,
-                    self.config.stop_grace,
-                    self.changes.clone(),
-                )?)
+        let cluster = {
+            let mut etcds = self.etcds.lock().await;
+            match etcds.entry(plan.tenant.clone()) {
+                Entry::Occupied(e) => e.get().clone(),
+                Entry::Vacant(v) => {
+                    let binary = self.config.etcd_binary.clone().unwrap_or_default();
+                    let layout =
+                        TenantLayout::write(self.tenant_dir(&plan.tenant), plan.bundle.clone())?;
+                    v.insert(Arc::new(EtcdCluster::start(
+                        plan,
+                        binary,
+                        layout,
+                        self.config.stop_grace,
+                        self.changes.clone(),
+                    )?))
+                    .clone()
+                }
             }
         };
+        // Outside the map's lock: a member being replaced holds up only its own tenant.
+        cluster.update(plan).await?;
         Ok(cluster.status())
     }
 
     async fn status(&self, tenant: &TenantId) -> Option<ControlPlaneStatus> {
-        self.tenants.lock().await.get(tenant)?.status.clone()
+        let slot = self.tenants.lock().await.get(tenant)?.clone();
+        let slot = slot.lock().await;
+        slot.tenant.as_ref()?.status.clone()
     }
 
     async fn remove(&self, tenant: &TenantId) {
-        let t = self.tenants.lock().await.remove(tenant);
-        if let Some(mut t) = t {
-            for r in std::mem::take(&mut t.replicas) {
-                r.supervisor.stop(self.config.stop_grace).await;
+        let slot = self.tenants.lock().await.remove(tenant);
+        if let Some(slot) = slot {
+            let mut slot = slot.lock().await;
+            slot.removed = true;
+            if let Some(mut t) = slot.tenant.take() {
+                for r in std::mem::take(&mut t.replicas) {
+                    r.supervisor.stop(self.config.stop_grace).await;
+                }
             }
         }
         let etcd = self.etcds.lock().await.remove(tenant);
@@ -577,7 +607,13 @@ impl ControlPlaneRuntime for ProcessRuntime {
     }
 
     async fn shutdown(&self) {
-        let all: Vec<Tenant> = self.tenants.lock().await.drain().map(|(_, t)| t).collect();
+        let slots: Vec<_> = self.tenants.lock().await.drain().map(|(_, s)| s).collect();
+        let mut all = Vec::new();
+        for slot in slots {
+            let mut slot = slot.lock().await;
+            slot.removed = true;
+            all.extend(slot.tenant.take());
+        }
         let grace = self.config.stop_grace;
         let stops = all.into_iter().flat_map(|mut t| {
             std::mem::take(&mut t.replicas)
@@ -590,9 +626,10 @@ impl ControlPlaneRuntime for ProcessRuntime {
         }
         while set.join_next().await.is_some() {}
         // The api-servers are gone: their etcds may stop now.
-        let etcds: Vec<EtcdCluster> = self.etcds.lock().await.drain().map(|(_, c)| c).collect();
+        let etcds: Vec<Arc<EtcdCluster>> =
+            self.etcds.lock().await.drain().map(|(_, c)| c).collect();
         for c in etcds {
-            set.spawn(c.stop());
+            set.spawn(async move { c.stop().await });
         }
         while set.join_next().await.is_some() {}
     }
