@@ -11,7 +11,8 @@
 //!   overhead per tenant);
 //! - the operator's overhead over a batch of real tenants: time to all Ready, its RSS.
 //!
-//! `cargo bench --bench control_plane`; `cargo test --benches` runs it small.
+//! `cargo bench --bench control_plane` (`KMETAL_BENCH_BATCH=N` sizes the batch); `cargo test
+//! --benches` runs it small.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -49,6 +50,25 @@ struct Env {
     op: PathBuf,
     dir: tempfile::TempDir,
     state: String,
+    /// The operator's `/metrics`.
+    metrics: std::net::SocketAddr,
+}
+
+/// The operator's reconcile count and total seconds, from its `/metrics`.
+fn reconciles(rt: &tokio::runtime::Runtime, metrics: std::net::SocketAddr) -> (f64, f64) {
+    let text = rt
+        .block_on(kmetal_testkit::http::Client::plain(metrics).get("/metrics"))
+        .map(|r| r.text())
+        .unwrap_or_default();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("kmetal_reconcile_duration_seconds_count "),
+        value("kmetal_reconcile_duration_seconds_sum "),
+    )
 }
 
 impl Env {
@@ -73,6 +93,7 @@ impl Env {
         Operator(
             Command::new(&self.op)
                 .args(["run", "--state", &self.state, "--workers", "8"])
+                .args(["--listen", &self.metrics.to_string()])
                 .arg("--state-dir")
                 .arg(self.dir.path().join("state"))
                 .arg("--out")
@@ -180,7 +201,11 @@ fn mem_total_kib() -> u64 {
 fn main() {
     let quick = common::quick();
     let rounds = if quick { 1 } else { 3 };
-    let batch = if quick { 2 } else { 12 };
+    // KMETAL_BENCH_BATCH=N takes N tenants at once (memory bounds it: ~430 MiB each).
+    let batch = std::env::var("KMETAL_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 2 } else { 12 });
     let rt = common::runtime();
     let kubectl = kmetal_testkit::process::peer_binary("kubectl").unwrap();
     let version = {
@@ -207,6 +232,7 @@ fn main() {
         op: common::example("operator", quick),
         state: format!("sqlite://{}/m.db", dir.path().display()),
         dir,
+        metrics: ([127, 0, 0, 1], free_port().unwrap()).into(),
     };
     env.apply(
         "ds.yaml",
@@ -324,6 +350,7 @@ fn main() {
 
     // A batch of real tenants at once: time to all answering, the operator's RSS and CPU.
     let cpu_before = cpu_seconds(op_pid);
+    let (n_before, sum_before) = reconciles(&rt, env.metrics);
     let started = Instant::now();
     let mut batch_names = Vec::new();
     for i in 0..batch {
@@ -339,8 +366,15 @@ fn main() {
     }
     let took = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(op_pid) - cpu_before;
+    let (n_after, sum_after) = reconciles(&rt, env.metrics);
+    let passes = n_after - n_before;
+    let mean_ms = if passes > 0.0 {
+        (sum_after - sum_before) / passes * 1e3
+    } else {
+        0.0
+    };
     println!(
-        "{batch} more SQLite tenants applied at once: all answer kubectl in {took:.1} s; operator CPU {:.0} ms per tenant, RSS {} MiB with {} tenants",
+        "{batch} more SQLite tenants applied at once: all answer kubectl in {took:.1} s; {passes:.0} reconciles, {mean_ms:.1} ms each on average; operator CPU {:.0} ms per tenant, RSS {} MiB with {} tenants",
         cpu * 1e3 / batch as f64,
         rss_kib(op_pid) / 1024,
         tenants.len() + dedicated.len() + batch

@@ -144,6 +144,29 @@ impl Env {
         out
     }
 
+    /// Deletes the tenant and waits until it is finalized, its processes are gone and its
+    /// runtime folder is removed.
+    fn delete_and_wait_gone(&self, name: &str, pids: &[u32]) {
+        let out = operator(
+            &self.state,
+            &["delete", &format!("tcp/{name}"), "-n", "tenants"],
+        )
+        .output()
+        .expect("delete");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            wait_until(Duration::from_secs(60), || tenant(&self.state, name)
+                .is_none()),
+            "{name} not finalized"
+        );
+        assert!(wait_gone(pids), "{name}'s processes still run");
+        assert!(!self.runtime_dir(name).exists(), "{name}'s files removed");
+    }
+
     fn tenant(&self, name: &str) -> Value {
         tenant(&self.state, name).unwrap_or(Value::Null)
     }
@@ -349,21 +372,7 @@ fn tenants_run_real_control_planes() {
     // Deleting a tenant stops its processes and frees its address and files.
     let alpha_pids = env.pids("alpha");
     assert_eq!(alpha_pids.len(), 6, "{alpha_pids:?}");
-    let out = operator(&env.state, &["delete", "tcp/alpha", "-n", "tenants"])
-        .output()
-        .expect("delete");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        wait_until(Duration::from_secs(60), || tenant(&env.state, "alpha")
-            .is_none()),
-        "alpha not finalized"
-    );
-    assert!(wait_gone(&alpha_pids), "alpha's processes still run");
-    assert!(!env.runtime_dir("alpha").exists(), "alpha's files removed");
+    env.delete_and_wait_gone("alpha", &alpha_pids);
     std::net::TcpListener::bind(("127.0.84.1", pa)).expect("alpha's address is free");
 
     // The operator's shutdown stops the control planes it runs.
@@ -968,23 +977,6 @@ spec:
         6,
         "api-server, controllers and three members: {pids:?}"
     );
-    let out = operator(&env.state, &["delete", "tcp/solo", "-n", "tenants"])
-        .output()
-        .expect("delete");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        wait_until(Duration::from_secs(60), || tenant(&env.state, "solo")
-            .is_none()),
-        "solo not finalized"
-    );
-    assert!(wait_gone(&pids), "solo's processes still run");
-    assert!(
-        !env.runtime_dir("solo").exists(),
-        "solo's etcd data removed"
-    );
+    env.delete_and_wait_gone("solo", &pids);
     drop(op);
 }

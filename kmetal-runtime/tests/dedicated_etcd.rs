@@ -78,6 +78,17 @@ async fn client(plan: &EtcdPlan, status: &EtcdStatus) -> Client {
         .expect("connect")
 }
 
+/// How many keys the writer has made.
+async fn count(c: &mut Client) -> i64 {
+    let only = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    c.get("/registry/", Some(only))
+        .await
+        .expect("count")
+        .count()
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit_once(')')
@@ -178,31 +189,9 @@ async fn members_are_replaced_and_quorum_loss_is_reported() {
         "the replacement started on the old data dir"
     );
     // The writer kept writing while the member was replaced.
-    let before = c
-        .get(
-            "/registry/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        )
-        .await
-        .expect("count")
-        .count();
+    let before = count(&mut c).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = c
-        .get(
-            "/registry/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        )
-        .await
-        .expect("count")
-        .count();
+    let after = count(&mut c).await;
     assert!(after > before, "writes stopped after the replacement");
     // The member list names three members, the replaced one under a new id.
     let members = c.member_list().await.expect("members");
