@@ -2,7 +2,8 @@
 //! and client TLS from the tenant's etcd CA, each member a supervised process.
 //!
 //! A monitor task asks every member for its status each second. A member whose process
-//! died while the others hold quorum is replaced the way an etcd operator replaces a failed
+//! died, or that has not answered for [`EtcdClusterConfig::replace_unresponsive_after`]
+//! (a hung process or host), while the others hold quorum is replaced the way an etcd operator replaces a failed
 //! member: removed from the cluster, added back, started on a fresh data dir. Without quorum
 //! nothing can be removed or added, so the member is started again on its own data (the
 //! only way back short of disaster recovery) and the status says quorum is lost. A bundle
@@ -74,6 +75,29 @@ pub enum EtcdClusterError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How a dedicated etcd is run.
+#[derive(Debug, Clone)]
+pub struct EtcdClusterConfig {
+    /// The etcd binary (3.6).
+    pub binary: PathBuf,
+    /// SIGTERM to SIGKILL when the cluster stops.
+    pub stop_grace: Duration,
+    /// A member whose process runs but has not answered (or has had no leader while the
+    /// others had one) for this long is replaced like a dead one: a hung process or host.
+    pub replace_unresponsive_after: Duration,
+}
+
+impl EtcdClusterConfig {
+    /// `binary` with a 10 s stop grace; unresponsive members are replaced after 30 s.
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            stop_grace: Duration::from_secs(10),
+            replace_unresponsive_after: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A dedicated etcd to run: the tenant, its member names (the nodes the placement chose)
@@ -199,6 +223,8 @@ struct Member {
     seen_restarts: u32,
     /// Its process died and it has not been healthy since.
     died: bool,
+    /// Since when its process runs without answering.
+    unresponsive_since: Option<std::time::Instant>,
     /// It must restart to read a new bundle.
     stale: bool,
     replacing: bool,
@@ -223,6 +249,7 @@ struct Inner {
     token: String,
     members: Vec<Member>,
     stop_grace: Duration,
+    replace_unresponsive_after: Duration,
 }
 
 /// A running dedicated etcd; dropping it kills its members.
@@ -252,11 +279,11 @@ impl EtcdCluster {
     /// status changes.
     pub fn start(
         plan: &EtcdPlan,
-        binary: PathBuf,
+        config: &EtcdClusterConfig,
         layout: TenantLayout,
-        stop_grace: Duration,
         changes: broadcast::Sender<TenantId>,
     ) -> Result<Self, EtcdClusterError> {
+        let binary = config.binary.clone();
         let n = plan.members.len();
         if n % 2 == 0 {
             return Err(EtcdClusterError::MemberCount(n));
@@ -316,6 +343,7 @@ impl EtcdCluster {
                 spec,
                 seen_restarts: 0,
                 died: false,
+                unresponsive_since: None,
                 stale: false,
                 replacing: false,
                 replacements: 0,
@@ -328,7 +356,8 @@ impl EtcdCluster {
             layout,
             token,
             members,
-            stop_grace,
+            stop_grace: config.stop_grace,
+            replace_unresponsive_after: config.replace_unresponsive_after,
         };
         let initial = snapshot(&inner, &[]);
         let (tx, status) = watch::channel(initial);
@@ -595,11 +624,22 @@ async fn monitor(
             if s.state.is_healthy() {
                 m.died = false;
             }
+            m.unresponsive_since = match s.state {
+                MemberState::Unhealthy { .. } => {
+                    Some(m.unresponsive_since.unwrap_or_else(std::time::Instant::now))
+                }
+                _ => None,
+            };
         }
         publish(&status, &changes, &tenant, snap.clone());
         let healthy: Vec<bool> = snap.members.iter().map(|m| m.state.is_healthy()).collect();
         let quorum = snap.quorum_size();
-        let dead = g.members.iter().position(|m| m.died);
+        let hung_after = g.replace_unresponsive_after;
+        let dead = g.members.iter().position(|m| {
+            m.died
+                || m.unresponsive_since
+                    .is_some_and(|t| t.elapsed() >= hung_after)
+        });
         if let Some(i) = dead {
             let others = healthy
                 .iter()
@@ -757,6 +797,7 @@ async fn replace(
     m.spec = spec;
     m.seen_restarts = 0;
     m.died = false;
+    m.unresponsive_since = None;
     m.stale = false;
     m.client_conn = None;
     m.replacements += 1;

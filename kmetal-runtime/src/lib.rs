@@ -40,7 +40,10 @@ pub mod runtime;
 pub mod supervisor;
 
 pub use catalog::{Catalog, CatalogError, Component};
-pub use etcd::{EtcdCluster, EtcdClusterError, EtcdPlan, EtcdStatus, MemberState, MemberStatus};
+pub use etcd::{
+    EtcdCluster, EtcdClusterConfig, EtcdClusterError, EtcdPlan, EtcdStatus, MemberState,
+    MemberStatus,
+};
 pub use flags::{Egress, EtcdClient, EtcdTls};
 pub use front::Front;
 pub use plan::{ControlPlanePlan, PlanError};

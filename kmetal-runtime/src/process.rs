@@ -14,7 +14,7 @@ use tokio::sync::{Mutex, broadcast};
 use tokio::task::JoinSet;
 
 use crate::catalog::{Catalog, Component};
-use crate::etcd::{EtcdCluster, EtcdPlan, EtcdStatus};
+use crate::etcd::{EtcdCluster, EtcdClusterConfig, EtcdPlan, EtcdStatus};
 use crate::flags::{self, ApiserverInputs, Flags};
 use crate::front::Front;
 use crate::http::Client;
@@ -41,6 +41,8 @@ pub struct ProcessRuntimeConfig {
     pub stop_grace: Duration,
     /// The etcd binary dedicated etcds run (etcd 3.6; `None`: no dedicated etcd here).
     pub etcd_binary: Option<PathBuf>,
+    /// How long a dedicated etcd member may run without answering before it is replaced.
+    pub etcd_replace_unresponsive_after: Duration,
 }
 
 impl ProcessRuntimeConfig {
@@ -53,6 +55,7 @@ impl ProcessRuntimeConfig {
             probe_timeout: Duration::from_secs(3),
             stop_grace: Duration::from_secs(10),
             etcd_binary: None,
+            etcd_replace_unresponsive_after: Duration::from_secs(30),
         }
     }
 }
@@ -560,17 +563,15 @@ impl ControlPlaneRuntime for ProcessRuntime {
             match etcds.entry(plan.tenant.clone()) {
                 Entry::Occupied(e) => e.get().clone(),
                 Entry::Vacant(v) => {
-                    let binary = self.config.etcd_binary.clone().unwrap_or_default();
+                    let config = EtcdClusterConfig {
+                        binary: self.config.etcd_binary.clone().unwrap_or_default(),
+                        stop_grace: self.config.stop_grace,
+                        replace_unresponsive_after: self.config.etcd_replace_unresponsive_after,
+                    };
                     let layout =
                         TenantLayout::write(self.tenant_dir(&plan.tenant), plan.bundle.clone())?;
-                    v.insert(Arc::new(EtcdCluster::start(
-                        plan,
-                        binary,
-                        layout,
-                        self.config.stop_grace,
-                        self.changes.clone(),
-                    )?))
-                    .clone()
+                    let cluster = EtcdCluster::start(plan, &config, layout, self.changes.clone())?;
+                    v.insert(Arc::new(cluster)).clone()
                 }
             }
         };

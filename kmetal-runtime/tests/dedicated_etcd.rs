@@ -1,7 +1,7 @@
 //! A tenant's dedicated etcd run by the process runtime with real etcd 3.6 (`scripts/peers.sh`):
 //! three members with the tenant's etcd TLS, a killed member replaced on a fresh data dir while
-//! writes go on, two killed members reported as lost quorum and the cluster back afterwards,
-//! nothing left after removal.
+//! writes go on, two killed members reported as lost quorum and the cluster back afterwards, a
+//! hung member replaced, nothing left after removal.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -253,6 +253,32 @@ async fn members_are_replaced_and_quorum_loss_is_reported() {
         assert!(!alive(pid), "member {pid} left running");
     }
     assert!(!rt.tenant_dir(&plan.tenant).exists());
+}
+
+/// A member that hangs (SIGSTOP: its process runs but never answers) is replaced once it
+/// has not answered for the configured time, and the hung process is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_is_replaced() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = ProcessRuntimeConfig::new(state.path(), Catalog::empty());
+    config.etcd_binary = Some(kmetal_testkit::process::peer_binary("etcd").expect("etcd 3.6"));
+    config.etcd_replace_unresponsive_after = Duration::from_secs(3);
+    let rt = ProcessRuntime::new(config);
+    let plan = plan("hung", &["h-a", "h-b", "h-c"]);
+    let up = ensure_until(&rt, &plan, Duration::from_secs(60), all_healthy).await;
+    let pid = up.members[2].pid.expect("pid");
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill -STOP");
+    assert!(stopped.success());
+    let replaced = ensure_until(&rt, &plan, Duration::from_secs(60), |s| {
+        s.members[2].replacements == 1 && all_healthy(s)
+    })
+    .await;
+    assert_ne!(replaced.members[2].pid, Some(pid));
+    assert!(!alive(pid), "the hung member {pid} was left running");
+    rt.remove(&plan.tenant).await;
 }
 
 /// An even member count and a missing binary are typed errors, not crashes.
