@@ -674,18 +674,15 @@ fn publish(
     tenant: &TenantId,
     snap: EtcdStatus,
 ) {
-    let summary = |s: &EtcdStatus| -> Vec<(String, bool, u32)> {
+    // Unhealthy reasons change every probe; the operator hears only what it acts on.
+    let summary = |s: &EtcdStatus| -> Vec<(bool, u32)> {
         s.members
             .iter()
-            .map(|m| (m.state.to_string(), m.state.is_healthy(), m.replacements))
+            .map(|m| (m.state.is_healthy(), m.replacements))
             .collect()
     };
-    // Unhealthy reasons change every probe; the operator hears only what it acts on.
-    let before: Vec<_> = summary(&tx.borrow())
-        .into_iter()
-        .map(|(_, h, r)| (h, r))
-        .collect();
-    let after: Vec<_> = summary(&snap).into_iter().map(|(_, h, r)| (h, r)).collect();
+    let before = summary(&tx.borrow());
+    let after = summary(&snap);
     tx.send_replace(snap);
     if before != after {
         let _ = changes.send(tenant.clone());

@@ -500,7 +500,6 @@ fn replica_ids(replicas: usize) -> Vec<ReplicaId> {
     ids
 }
 
-/// The client certificate and key of one of the bundle's kubeconfigs.
 /// Tries the `kubeadm:cluster-admins` binding on every api-server replica every 100 ms
 /// until one takes it: the api-server accepts it well before `/readyz` is ok, and then
 /// admin.conf works from the api-server's first moments rather than from the next probe.
@@ -516,6 +515,7 @@ async fn bootstrap_early(clients: Vec<Client>, done: Arc<AtomicBool>) {
     }
 }
 
+/// The client certificate and key of one of the bundle's kubeconfigs.
 fn identity(
     layout: &TenantLayout,
     kubeconfig: &'static str,
