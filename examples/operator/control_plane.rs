@@ -48,6 +48,15 @@ impl Reconciler {
                     );
                     set_condition(&mut p.status, CONDITION, true, "Running", msg);
                     Ok(true)
+                } else if let Some(q) = status.queued {
+                    set_condition(
+                        &mut p.status,
+                        CONDITION,
+                        false,
+                        "StartQueued",
+                        q.to_string(),
+                    );
+                    Err(Halt::NotReady("control plane queued"))
                 } else {
                     let why = status.problems().join("; ");
                     set_condition(&mut p.status, CONDITION, false, "ReplicasNotReady", why);

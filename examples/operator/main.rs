@@ -108,7 +108,7 @@ enum Command {
         state: String,
     },
     /// Watch the management store and reconcile.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// The demo (what `operator` with no arguments runs): bundled tenants with real control
     /// planes, served until Ctrl-C.
     Demo {
@@ -377,7 +377,7 @@ fn main() -> ExitCode {
                 namespace,
                 state,
             }) => delete(what, namespace, state).await,
-            Some(Command::Run(args)) => run::run(args).await,
+            Some(Command::Run(args)) => run::run(*args).await,
             None => run::demo(false).await,
             Some(Command::Demo { exit }) => run::demo(exit).await,
         }

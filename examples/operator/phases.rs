@@ -21,6 +21,10 @@ use crate::store::{ObjectKey, StoreError, Stored};
 /// loops look again soon instead of backing off or giving up.
 pub(crate) const IN_PROGRESS: &str = "starting";
 
+/// How a [`Halt::NotReady`] reason ends when the tenant waits for its turn to boot: the
+/// runtime says when it comes, so loops look again only now and then.
+pub(crate) const QUEUED: &str = "queued";
+
 /// One pass over one tenant: the stored object and the status being built.
 pub(crate) struct Pass<'a> {
     pub(crate) key: &'a ObjectKey,

@@ -23,6 +23,10 @@ use crate::store::{Kind, ObjectKey, PREFIX, Store, Stored};
 /// How soon a tenant whose processes are starting is looked at again.
 const IN_PROGRESS_POLL: Duration = Duration::from_millis(250);
 
+/// How often a tenant waiting its turn to boot is looked at anyway (the runtime tells when
+/// its turn comes; this keeps its place, which the runtime gives away after a minute).
+const QUEUED_POLL: Duration = Duration::from_secs(15);
+
 /// The label that assigns a tenant to a region (unlabelled tenants belong to `default`).
 pub const REGION_LABEL: &str = "kmetal.io/region";
 
@@ -78,6 +82,10 @@ pub struct RunArgs {
     /// repository's peers/bin (built by scripts/peers.sh).
     #[arg(long = "kubernetes-bin")]
     kubernetes_bin: Vec<PathBuf>,
+    /// How many tenants' control planes may boot at once (the rest wait their turn, with a
+    /// `StartQueued` condition). Default: one per CPU.
+    #[arg(long)]
+    boot_limit: Option<usize>,
     /// The address tenants' Konnectivity servers take agents on (workers must reach it and
     /// it must be among the tenants' certSANs unless it is their address).
     #[arg(long, default_value = "127.0.0.1")]
@@ -123,6 +131,9 @@ fn control_plane_runtime(
         .map(|d| d.join("etcd"))
         .find(|p| p.is_file())
         .or_else(|| dirs.first().map(|d| d.join("etcd")));
+    if let Some(n) = args.boot_limit {
+        config.boot_limit = n;
+    }
     Ok(Some(Arc::new(kmetal::runtime::ProcessRuntime::new(config))))
 }
 
@@ -283,9 +294,11 @@ pub async fn converge(r: &Arc<Reconciler>, store: &Store, c: Converge<'_>) -> Re
         if pending.is_empty() {
             break true;
         }
-        let moving = pending
-            .iter()
-            .any(|(_, w)| w == "conflict" || w.ends_with(crate::phases::IN_PROGRESS));
+        let moving = pending.iter().any(|(_, w)| {
+            w == "conflict"
+                || w.ends_with(crate::phases::IN_PROGRESS)
+                || w.ends_with(crate::phases::QUEUED)
+        });
         if last.as_ref() == Some(&pending) && !moving {
             stable += 1;
         } else {
@@ -595,6 +608,15 @@ impl Worker {
             let _ = self.tx.send(key);
             return;
         }
+        if let Some(why) = retry
+            .as_deref()
+            .filter(|w| w.ends_with(crate::phases::QUEUED))
+        {
+            tracing::debug!(tenant = %key.display(), reason = %why, "waiting its turn to boot");
+            tokio::time::sleep(QUEUED_POLL).await;
+            let _ = self.tx.send(key);
+            return;
+        }
         if let Some(why) = retry {
             let n = {
                 let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -640,6 +662,7 @@ pub async fn demo(exit: bool) -> Result<u8, String> {
         lease_ttl: 10,
         runtime: RuntimeKind::Process,
         kubernetes_bin: Vec::new(),
+        boot_limit: None,
         konnectivity_listen: std::net::Ipv4Addr::LOCALHOST.into(),
     };
     let started = Instant::now();

@@ -84,7 +84,12 @@ impl TenantRow {
                 .version
                 .clone()
                 .unwrap_or_default(),
-            datastore: st.storage.data_store_name.clone().unwrap_or_default(),
+            // A dedicated etcd is the tenant's own, not a named DataStore.
+            datastore: match (&st.storage.data_store_name, &st.storage.dedicated_etcd) {
+                (Some(name), _) => name.clone(),
+                (None, Some(d)) => format!("dedicated-{}", d.members.len()),
+                (None, None) => String::new(),
+            },
             driver: st.storage.driver.clone().unwrap_or_default(),
             schema: st.storage.setup.schema.clone().unwrap_or_default(),
             user: st.storage.setup.user.clone().unwrap_or_default(),

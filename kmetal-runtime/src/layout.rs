@@ -147,7 +147,7 @@ impl TenantLayout {
 
     /// `run/<process>.pid`: the running process, for adoption after a runtime restart.
     pub fn pidfile(&self, process: impl std::fmt::Display) -> PathBuf {
-        self.dir.join("run").join(format!("{process}.pid"))
+        pidfile_in(&self.dir, process)
     }
 
     /// `run/<process>.<what>`: a small file a process's owner keeps across runtime
@@ -170,4 +170,9 @@ impl TenantLayout {
         })?;
         Ok(path)
     }
+}
+
+/// `<dir>/run/<process>.pid`, for a tenant folder not (yet) written.
+pub(crate) fn pidfile_in(dir: &Path, process: impl std::fmt::Display) -> PathBuf {
+    dir.join("run").join(format!("{process}.pid"))
 }

@@ -12,6 +12,7 @@
 //!   (the stand-in for the under cluster's pods), each tenant behind its own [`Front`].
 //! - [`etcd`]: [`EtcdCluster`], a tenant's dedicated etcd: members supervised, a dead one
 //!   replaced while the others hold quorum, quorum loss reported in [`EtcdStatus`].
+//! - [`gate`]: [`StartGate`], how many tenants boot at once; the rest wait their turn.
 //! - [`catalog`]: [`Catalog`], which Kubernetes versions have binaries, found by asking them.
 //! - [`flags`]: the components' command lines, Kamaji's recipe, with the user's `extraArgs`
 //!   winning flag by flag.
@@ -31,6 +32,7 @@ pub mod catalog;
 pub mod etcd;
 pub mod flags;
 pub mod front;
+pub mod gate;
 pub mod http;
 pub mod layout;
 pub mod plan;
@@ -46,6 +48,7 @@ pub use etcd::{
 };
 pub use flags::{Egress, EtcdClient, EtcdTls};
 pub use front::Front;
+pub use gate::{Queued, StartGate};
 pub use plan::{ControlPlanePlan, PlanError};
 pub use process::{ProcessRuntime, ProcessRuntimeConfig};
 pub use runtime::{

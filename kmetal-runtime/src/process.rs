@@ -17,14 +17,15 @@ use crate::catalog::{Catalog, Component};
 use crate::etcd::{EtcdCluster, EtcdClusterConfig, EtcdPlan, EtcdStatus};
 use crate::flags::{self, ApiserverInputs, Flags};
 use crate::front::Front;
+use crate::gate::{StartGate, Ticket};
 use crate::http::Client;
-use crate::layout::{ReplicaId, TenantLayout};
+use crate::layout::{ReplicaId, TenantLayout, pidfile_in};
 use crate::plan::ControlPlanePlan;
 use crate::probe;
 use crate::runtime::{
     ControlPlaneRuntime, ControlPlaneStatus, ReplicaState, ReplicaStatus, RuntimeError, TenantId,
 };
-use crate::supervisor::{Backoff, ProcessSpec, ProcessState, Supervisor};
+use crate::supervisor::{self, Backoff, ProcessSpec, ProcessState, Supervisor};
 
 /// How the process runtime runs.
 #[derive(Debug, Clone)]
@@ -43,10 +44,17 @@ pub struct ProcessRuntimeConfig {
     pub etcd_binary: Option<PathBuf>,
     /// How long a dedicated etcd member may run without answering before it is replaced.
     pub etcd_replace_unresponsive_after: Duration,
+    /// How many tenants may boot at once; the others wait their turn (a tenant whose
+    /// processes are found running is adopted without waiting).
+    pub boot_limit: usize,
+    /// A tenant boots until all its replicas are ready or this long has passed; then its
+    /// place goes to the next.
+    pub boot_timeout: Duration,
 }
 
 impl ProcessRuntimeConfig {
-    /// Defaults: kubelet-like backoff, 3 s probes, 10 s grace.
+    /// Defaults: kubelet-like backoff, 3 s probes, 10 s grace, one tenant booting per CPU
+    /// for at most two minutes.
     pub fn new(state_dir: impl Into<PathBuf>, catalog: Catalog) -> Self {
         Self {
             state_dir: state_dir.into(),
@@ -56,6 +64,8 @@ impl ProcessRuntimeConfig {
             stop_grace: Duration::from_secs(10),
             etcd_binary: None,
             etcd_replace_unresponsive_after: Duration::from_secs(30),
+            boot_limit: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            boot_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -81,6 +91,8 @@ struct Tenant {
     clients: (u64, HashMap<SocketAddr, Client>),
     status: Option<ControlPlaneStatus>,
     watcher: JoinSet<()>,
+    /// Its place at the start gate while it boots.
+    boot: Option<Ticket>,
 }
 
 /// A tenant's place in the runtime: what runs for it, or that it was removed (an `ensure`
@@ -97,6 +109,7 @@ pub struct ProcessRuntime {
     /// One lock per tenant: a slow probe of one tenant never holds up another's.
     tenants: Mutex<HashMap<TenantId, Arc<Mutex<Slot>>>>,
     etcds: Mutex<HashMap<TenantId, Arc<EtcdCluster>>>,
+    gate: StartGate,
     changes: broadcast::Sender<TenantId>,
 }
 
@@ -111,12 +124,19 @@ impl std::fmt::Debug for ProcessRuntime {
 impl ProcessRuntime {
     /// A runtime with no tenants yet.
     pub fn new(config: ProcessRuntimeConfig) -> Self {
+        let changes = broadcast::channel(256).0;
         Self {
+            gate: StartGate::new(config.boot_limit, changes.clone()),
             config,
             tenants: Mutex::default(),
             etcds: Mutex::default(),
-            changes: broadcast::channel(256).0,
+            changes,
         }
+    }
+
+    /// The start gate (how many tenants boot, how many wait).
+    pub fn gate(&self) -> &StartGate {
+        &self.gate
     }
 
     /// The configuration.
@@ -255,26 +275,55 @@ impl ProcessRuntime {
         set
     }
 
-    async fn start_tenant(&self, plan: &ControlPlanePlan) -> Result<Tenant, RuntimeError> {
-        let layout = TenantLayout::write(self.tenant_dir(&plan.tenant), plan.bundle.clone())?;
+    /// Starts the tenant's processes when the gate lets it boot (or they already run and
+    /// are adopted); otherwise reports its place in the queue.
+    async fn start_tenant(&self, plan: &ControlPlanePlan) -> Result<Start, RuntimeError> {
+        let dir = self.tenant_dir(&plan.tenant);
+        let ids = replica_ids(plan.replicas);
+        // Processes a runtime before this one left running are adopted, not booted.
+        let adopting = ids
+            .iter()
+            .any(|id| supervisor::runs(&pidfile_in(&dir, id), &dir));
+        let boot = if adopting {
+            None
+        } else {
+            match self.gate.enter(&plan.tenant) {
+                Ok(ticket) => Some(ticket),
+                Err(q) => {
+                    return Ok(Start::Queued(ControlPlaneStatus {
+                        version: plan.version.clone(),
+                        endpoint: plan.endpoint,
+                        replicas: Vec::new(),
+                        leases: vec![
+                            (Component::ControllerManager, None),
+                            (Component::Scheduler, None),
+                        ],
+                        queued: Some(q),
+                    }));
+                }
+            }
+        };
+        let layout = TenantLayout::write(dir, plan.bundle.clone())?;
+        let mut specs = Vec::new();
+        for id in ids {
+            let addr = Self::replica_addr(&layout, id)?;
+            specs.push((id, addr, self.command_line(plan, &layout, id, addr)?));
+        }
         let front = Front::bind(plan.endpoint)
             .await
             .map_err(|source| RuntimeError::Listen {
                 addr: plan.endpoint,
                 source,
             })?;
-        let mut replicas = Vec::new();
-        for id in replica_ids(plan.replicas) {
-            let addr = Self::replica_addr(&layout, id)?;
-            let spec = self.command_line(plan, &layout, id, addr)?;
-            let supervisor = Supervisor::start(spec.clone(), self.config.backoff);
-            replicas.push(Replica {
+        let replicas: Vec<Replica> = specs
+            .into_iter()
+            .map(|(id, addr, spec)| Replica {
                 id,
                 addr,
+                supervisor: Supervisor::start(spec.clone(), self.config.backoff),
                 spec,
-                supervisor,
-            });
-        }
+            })
+            .collect();
         let watcher = self.watch_replicas(&plan.tenant, &replicas);
         let bootstrapped = Arc::new(AtomicBool::new(false));
         let mut bootstrapper = JoinSet::new();
@@ -284,7 +333,7 @@ impl ProcessRuntime {
             .map(|r| self.probe_client(&layout, plan, r.addr))
             .collect::<Result<Vec<_>, _>>()?;
         bootstrapper.spawn(bootstrap_early(clients, bootstrapped.clone()));
-        Ok(Tenant {
+        Ok(Start::Running(Box::new(Tenant {
             layout,
             front,
             replicas,
@@ -293,7 +342,8 @@ impl ProcessRuntime {
             clients: (0, HashMap::new()),
             status: None,
             watcher,
-        })
+            boot,
+        })))
     }
 
     /// Moves a running tenant one step toward `plan`: new files, added or removed replicas,
@@ -483,8 +533,17 @@ impl ProcessRuntime {
             endpoint: t.front.addr(),
             replicas,
             leases,
+            queued: None,
         })
     }
+}
+
+/// What [`ProcessRuntime::start_tenant`] did.
+enum Start {
+    /// The tenant's processes run.
+    Running(Box<Tenant>),
+    /// It waits for its turn to boot.
+    Queued(ControlPlaneStatus),
 }
 
 /// Each api-server with its controller-manager and scheduler, replica by replica.
@@ -549,9 +608,22 @@ impl ControlPlaneRuntime for ProcessRuntime {
                     self.update_tenant(t, plan).await?;
                     t
                 }
-                empty @ None => empty.insert(self.start_tenant(plan).await?),
+                empty @ None => match self.start_tenant(plan).await? {
+                    Start::Running(t) => empty.insert(*t),
+                    Start::Queued(status) => return Ok(status),
+                },
             };
             let status = self.probe(t, plan).await?;
+            let booted = status
+                .replicas
+                .iter()
+                .all(|r| matches!(r.state, ReplicaState::Ready));
+            if t.boot
+                .as_ref()
+                .is_some_and(|b| booted || b.elapsed() > self.config.boot_timeout)
+            {
+                t.boot = None;
+            }
             t.status = Some(status.clone());
             return Ok(status);
         }
@@ -587,6 +659,7 @@ impl ControlPlaneRuntime for ProcessRuntime {
     }
 
     async fn remove(&self, tenant: &TenantId) {
+        self.gate.forget(tenant);
         let slot = self.tenants.lock().await.remove(tenant);
         if let Some(slot) = slot {
             let mut slot = slot.lock().await;

@@ -9,6 +9,7 @@ use kmetal_core::version::KubernetesVersion;
 use crate::catalog::{CatalogError, Component};
 use crate::etcd::{EtcdClusterError, EtcdPlan, EtcdStatus};
 use crate::flags::FlagError;
+use crate::gate::Queued;
 use crate::layout::{LayoutError, ReplicaId};
 use crate::plan::ControlPlanePlan;
 use crate::probe::ProbeError;
@@ -149,6 +150,8 @@ pub struct ControlPlaneStatus {
     pub replicas: Vec<ReplicaStatus>,
     /// Who holds the controller-manager's and the scheduler's Lease (`None`: nobody does).
     pub leases: Vec<(Component, Option<String>)>,
+    /// The tenant waits for its turn to boot (nothing of it runs yet, `replicas` is empty).
+    pub queued: Option<Queued>,
 }
 
 impl ControlPlaneStatus {
@@ -159,6 +162,9 @@ impl ControlPlaneStatus {
 
     /// What keeps it from being ready, one line each (`kube-apiserver-1: restarting: …`).
     pub fn problems(&self) -> Vec<String> {
+        if let Some(q) = self.queued {
+            return vec![q.to_string()];
+        }
         let mut out: Vec<String> = self
             .replicas
             .iter()

@@ -447,6 +447,15 @@ pub async fn stop_orphans(run_dir: &Path, owner: &Path, grace: Duration) {
     }
 }
 
+/// Whether the process `pidfile` names still runs and is one of `owner`'s (its command line
+/// names the folder): a runtime restarted next to running processes adopts them.
+pub(crate) fn runs(pidfile: &Path, owner: &Path) -> bool {
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .is_some_and(|pid| alive(pid) && names(pid, owner))
+}
+
 /// Whether `pid` runs (a zombie does not).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -212,6 +212,83 @@ async fn a_renewed_bundle_rolls_the_replicas_while_served() {
     rt.shutdown().await;
 }
 
+/// With room for one booting tenant, a second waits its turn (nothing of it runs, its status
+/// says where it is), is told when the first is ready, then boots; a removed tenant leaves
+/// the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_tenant_waits_its_turn_to_boot() {
+    let etcd = EtcdCluster::start(EtcdOptions::default())
+        .await
+        .expect("etcd");
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = ProcessRuntimeConfig::new(state.path(), catalog());
+    config.boot_limit = 1;
+    let rt = ProcessRuntime::new(config);
+    let version = catalog().newest().expect("version").to_string();
+    let tenants: Vec<ControlPlanePlan> = ["first", "second", "third"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let ip = Ipv4Addr::new(127, 0, 83, 10 + i as u8);
+            plan(
+                &tenant(name, ip, free_port().expect("port"), 1, &version),
+                &etcd,
+            )
+        })
+        .collect();
+    let [first, second, third] = &tenants[..] else {
+        unreachable!()
+    };
+    let mut changes = rt.changes();
+
+    let booting = rt.ensure(first).await.expect("first");
+    assert!(booting.queued.is_none(), "{booting:#?}");
+    assert_eq!(booting.replicas.len(), 3);
+    let waiting = rt.ensure(second).await.expect("second");
+    let q = waiting.queued.expect("second is queued");
+    assert_eq!((q.ahead, q.booting, q.limit), (0, 1, 1));
+    assert!(waiting.replicas.is_empty(), "{waiting:#?}");
+    assert_eq!(
+        waiting.problems(),
+        ["queued to start: 0 tenant(s) ahead, 1 of 1 booting"]
+    );
+    assert!(
+        !rt.tenant_dir(&second.tenant).exists(),
+        "nothing of it runs"
+    );
+    std::net::TcpListener::bind(second.endpoint).expect("its address is free");
+    let behind = rt.ensure(third).await.expect("third");
+    assert_eq!(behind.queued.map(|q| q.ahead), Some(1));
+    rt.remove(&third.tenant).await;
+    assert_eq!(rt.gate().waiting(), 1, "the removed tenant left the queue");
+
+    ensure_until(&rt, first, Duration::from_secs(120), |s| {
+        s.replicas
+            .iter()
+            .all(|r| matches!(r.state, ReplicaState::Ready))
+    })
+    .await;
+    // Its place is free: the runtime tells the next in line.
+    let told = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match changes.recv().await {
+                Ok(t) if t == second.tenant => return,
+                Ok(_) => continue,
+                Err(e) => panic!("changes: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(told.is_ok(), "the second tenant was not told its turn came");
+    let started = rt.ensure(second).await.expect("second");
+    assert!(started.queued.is_none(), "{started:#?}");
+    assert_eq!(rt.gate().booting(), 1);
+    ensure_until(&rt, second, Duration::from_secs(120), |s| s.is_ready()).await;
+    let dir = rt.tenant_dir(&second.tenant);
+    kubectl(&dir, &["get", "ns", "default"]).expect("the second tenant answers");
+    rt.shutdown().await;
+}
+
 /// A version the runtime has no binaries for is refused with the versions it has, and
 /// nothing starts.
 #[tokio::test]
