@@ -6,8 +6,9 @@
 //! - time from `apply` to the first successful `kubectl get ns` with the tenant's admin.conf,
 //!   per driver (SQLite, PostgreSQL, shared etcd, a dedicated etcd), against the bare api-server's start to its
 //!   first `kubectl get ns` (target: ≤ 5 s on SQLite);
-//! - memory per running tenant (RSS of its processes), how many this machine holds, and the
-//!   operator's own RSS per tenant (Kamaji publishes about 6 MiB and 12 mCPU of operator
+//! - memory per running tenant (RSS of its processes, and the anonymous part each tenant
+//!   adds: the binaries' pages are shared), its idle CPU, how many this machine holds by each,
+//!   and the operator's own RSS and idle CPU per tenant (Kamaji publishes about 6 MiB and 12 mCPU of operator
 //!   overhead per tenant);
 //! - the operator's overhead over a batch of real tenants: time to all Ready, its RSS.
 //!
@@ -170,14 +171,30 @@ fn until_kubectl(kubectl: &Path, conf: &Path, started: Instant) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// A process's resident memory, KiB: all of it, and its own (anonymous) part.
+struct Memory {
+    rss: u64,
+    anon: u64,
+}
+
+fn memory_kib(pid: u32) -> Memory {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Memory {
+        rss: field("VmRSS:"),
+        anon: field("RssAnon:"),
+    }
+}
+
 /// Resident memory of `pid`, KiB.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    memory_kib(pid).rss
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -310,42 +327,71 @@ fn main() {
         );
     }
 
-    // Memory per running tenant: its processes, after Ready.
+    // Memory per running tenant: its processes, after Ready. RSS counts the binaries' pages,
+    // which every tenant's processes share; what each tenant adds is its anonymous memory.
     std::thread::sleep(Duration::from_secs(5));
-    let per_tenant: Vec<u64> = tenants
-        .iter()
-        .map(|t| env.pids(t).into_iter().map(rss_kib).sum())
-        .collect();
-    let tenant_rss = median(per_tenant.iter().map(|k| *k as f64).collect());
-    let dedicated_rss = median(
-        dedicated
+    let footprint = |names: &[String]| -> (f64, f64) {
+        let per: Vec<(f64, f64)> = names
             .iter()
-            .map(|t| env.pids(t).into_iter().map(rss_kib).sum::<u64>() as f64)
+            .map(|t| {
+                env.pids(t)
+                    .into_iter()
+                    .map(memory_kib)
+                    .fold((0.0, 0.0), |a, m| (a.0 + m.rss as f64, a.1 + m.anon as f64))
+            })
+            .collect();
+        (
+            median(per.iter().map(|m| m.0).collect()),
+            median(per.iter().map(|m| m.1).collect()),
+        )
+    };
+    let (tenant_rss, tenant_anon) = footprint(&tenants);
+    let (dedicated_rss, dedicated_anon) = footprint(&dedicated);
+    let op_rss = rss_kib(op_pid);
+    let running = tenants.len() + dedicated.len();
+    let op_per_tenant = op_rss.saturating_sub(op_rss_idle) as f64 / running as f64;
+    // Idle CPU: what the running tenants and the operator take with nothing to do.
+    let tenant_pids: Vec<Vec<u32>> = tenants.iter().map(|t| env.pids(t)).collect();
+    let cpu_of = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let window = Duration::from_secs(if quick { 5 } else { 30 });
+    let before: Vec<f64> = tenant_pids.iter().map(|p| cpu_of(p)).collect();
+    let op_before = cpu_seconds(op_pid);
+    std::thread::sleep(window);
+    let tenant_mcpu = median(
+        tenant_pids
+            .iter()
+            .zip(&before)
+            .map(|(p, b)| (cpu_of(p) - b) * 1e3 / window.as_secs_f64())
             .collect(),
     );
-    let op_rss = rss_kib(op_pid);
-    let op_per_tenant =
-        op_rss.saturating_sub(op_rss_idle) as f64 / (tenants.len() + dedicated.len()) as f64;
-    let holds = mem_total_kib() as f64 / tenant_rss;
+    let op_mcpu = (cpu_seconds(op_pid) - op_before) * 1e3 / window.as_secs_f64() / running as f64;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let by_memory =
+        (mem_total_kib() as f64 - tenant_rss + tenant_anon) / (tenant_anon + op_per_tenant);
+    let by_cpu = cpus as f64 * 1e3 / (tenant_mcpu + op_mcpu);
+    println!("memory and idle CPU with {running} running tenants (1 api-server replica each):");
     println!(
-        "memory with {} running tenants (1 api-server replica each):",
-        tenants.len()
-    );
-    println!(
-        "  per tenant (api-server + controller-manager + scheduler RSS): {:.0} MiB -> this machine ({} GiB) holds about {holds:.0}",
+        "  per tenant (api-server + controller-manager + scheduler): RSS {:.0} MiB, of it its own (anonymous) {:.0} MiB; idle {tenant_mcpu:.0} mCPU",
         tenant_rss / 1024.0,
-        mem_total_kib() / 1024 / 1024
+        tenant_anon / 1024.0,
     );
     println!(
-        "  a tenant with a dedicated etcd (the same and three etcd members): {:.0} MiB",
-        dedicated_rss / 1024.0
+        "  a tenant with a dedicated etcd (the same and three etcd members): RSS {:.0} MiB, own {:.0} MiB",
+        dedicated_rss / 1024.0,
+        dedicated_anon / 1024.0
     );
     println!(
-        "  operator: {} MiB idle, {} MiB now: {:.1} MiB per tenant (Kamaji publishes ~6 MiB) = {:.2}x Kamaji's",
+        "  operator: {} MiB idle, {} MiB now: {:.1} MiB per tenant (Kamaji publishes ~6 MiB) = {:.2}x Kamaji's; idle {op_mcpu:.1} mCPU per tenant (Kamaji: ~12 mCPU) = {:.2}x, its gateways serving the tenants' etcd traffic included",
         op_rss_idle / 1024,
         op_rss / 1024,
         op_per_tenant / 1024.0,
-        op_per_tenant / 1024.0 / 6.0
+        op_per_tenant / 1024.0 / 6.0,
+        op_mcpu / 12.0
+    );
+    println!(
+        "  this machine ({} GiB, {cpus} CPUs) holds about {:.0} idle tenants: {by_memory:.0} by memory, {by_cpu:.0} by CPU",
+        mem_total_kib() / 1024 / 1024,
+        by_memory.min(by_cpu)
     );
 
     // A batch of real tenants at once: time to all answering, the operator's RSS and CPU.
@@ -361,6 +407,11 @@ fn main() {
         );
         batch_names.push(name);
     }
+    // The gate boots them in the order they were applied: the first answers long before
+    // the last.
+    let first = batch_names.first().map_or(0.0, |n| {
+        until_kubectl(&kubectl, &env.admin_conf(n), started)
+    });
     for name in &batch_names {
         until_kubectl(&kubectl, &env.admin_conf(name), started);
     }
@@ -374,7 +425,7 @@ fn main() {
         0.0
     };
     println!(
-        "{batch} more SQLite tenants applied at once: all answer kubectl in {took:.1} s; {passes:.0} reconciles, {mean_ms:.1} ms each on average; operator CPU {:.0} ms per tenant, RSS {} MiB with {} tenants",
+        "{batch} more SQLite tenants applied at once: the first answers kubectl in {first:.1} s, all in {took:.1} s; {passes:.0} reconciles, {mean_ms:.1} ms each on average; operator CPU {:.0} ms per tenant, RSS {} MiB with {} tenants",
         cpu * 1e3 / batch as f64,
         rss_kib(op_pid) / 1024,
         tenants.len() + dedicated.len() + batch
