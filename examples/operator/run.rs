@@ -2,7 +2,7 @@
 //! requeue with backoff, periodic resync), or with `--once` reconcile to convergence and
 //! report; and the no-argument demo.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -512,7 +512,7 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
         });
     }
     let gate = Arc::new(Semaphore::new(args.workers.max(1)));
-    let in_flight: Arc<std::sync::Mutex<HashSet<ObjectKey>>> = Arc::default();
+    let in_flight: Arc<std::sync::Mutex<HashMap<ObjectKey, bool>>> = Arc::default();
     let failures: Arc<std::sync::Mutex<HashMap<ObjectKey, u32>>> = Arc::default();
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -532,12 +532,15 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
             });
             continue;
         }
-        if !in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone())
         {
-            continue;
+            // A key that comes while its reconcile runs is marked, and reconciled again
+            // when that one ends: the change it stands for may have come too late for it.
+            let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = flying.get_mut(&key) {
+                *again = true;
+                continue;
+            }
+            flying.insert(key.clone(), false);
         }
         let worker = Worker {
             r: r.clone(),
@@ -562,7 +565,8 @@ pub async fn run(args: RunArgs) -> Result<u8, String> {
 struct Worker {
     r: Arc<Reconciler>,
     gate: Arc<Semaphore>,
-    in_flight: Arc<std::sync::Mutex<HashSet<ObjectKey>>>,
+    /// Keys being reconciled, each marked when it came again meanwhile.
+    in_flight: Arc<std::sync::Mutex<HashMap<ObjectKey, bool>>>,
     failures: Arc<std::sync::Mutex<HashMap<ObjectKey, u32>>>,
     tx: mpsc::UnboundedSender<ObjectKey>,
     metrics: Arc<Metrics>,
@@ -572,7 +576,7 @@ struct Worker {
 
 impl Worker {
     async fn reconcile(self, key: ObjectKey) {
-        let _permit = self.gate.acquire_owned().await;
+        let permit = self.gate.acquire_owned().await;
         let outcome = if *self.leading.borrow() {
             let started = Instant::now();
             let outcome = self.r.reconcile(&key).await;
@@ -582,10 +586,18 @@ impl Worker {
         } else {
             None
         };
-        self.in_flight
+        // The worker is free now: the waits below hold no worker (thirty queued tenants
+        // each sleeping on a worker once left none for the ones booting).
+        drop(permit);
+        let again = self
+            .in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+            .remove(&key)
+            .unwrap_or(false);
+        if again {
+            let _ = self.tx.send(key.clone());
+        }
         let retry = match outcome {
             None | Some(Ok(Outcome::Ready)) | Some(Ok(Outcome::Gone)) => {
                 self.failures
