@@ -159,16 +159,20 @@ fn kubectl_ok(kubectl: &Path, conf: &Path) -> bool {
 
 /// Polls kubectl with `conf` every 50 ms; the seconds until it first succeeds.
 fn until_kubectl(kubectl: &Path, conf: &Path, started: Instant) -> f64 {
-    let end = started + Duration::from_secs(300);
+    within(kubectl, conf, started, Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("no kubectl success with {}", conf.display()))
+}
+
+/// Polls kubectl with `conf` every 50 ms until `limit` after `started`; the seconds until it
+/// first succeeded.
+fn within(kubectl: &Path, conf: &Path, started: Instant, limit: Duration) -> Option<f64> {
     while !kubectl_ok(kubectl, conf) {
-        assert!(
-            Instant::now() < end,
-            "no kubectl success with {}",
-            conf.display()
-        );
+        if started.elapsed() > limit {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
-    started.elapsed().as_secs_f64()
+    Some(started.elapsed().as_secs_f64())
 }
 
 /// A process's resident memory, KiB: all of it, and its own (anonymous) part.
@@ -412,8 +416,19 @@ fn main() {
     let first = batch_names.first().map_or(0.0, |n| {
         until_kubectl(&kubectl, &env.admin_conf(n), started)
     });
-    for name in &batch_names {
-        until_kubectl(&kubectl, &env.admin_conf(name), started);
+    // Boots share the CPUs with the tenants already idling, whose number grows: allow each
+    // tenant 20 s, and say how many answered rather than fail when that is not enough.
+    let limit = Duration::from_secs(60 + 20 * batch as u64);
+    let answered = batch_names
+        .iter()
+        .take_while(|n| within(&kubectl, &env.admin_conf(n), started, limit).is_some())
+        .count();
+    if answered < batch {
+        println!(
+            "{batch} more SQLite tenants applied at once: the first answers kubectl in {first:.1} s, only {answered} within {} s",
+            limit.as_secs()
+        );
+        return;
     }
     let took = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(op_pid) - cpu_before;

@@ -19,8 +19,40 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Front {
     addr: SocketAddr,
-    backends: watch::Sender<Vec<SocketAddr>>,
+    backends: Backends,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The replicas a [`Front`] forwards to, changeable from another task than the front's owner
+/// (one watching a booting replica adds it the moment it is ready).
+#[derive(Debug, Clone)]
+pub struct Backends(watch::Sender<Vec<SocketAddr>>);
+
+impl Backends {
+    /// Sets the replicas new connections go to (connections already forwarded stay).
+    pub fn set(&self, backends: Vec<SocketAddr>) {
+        self.0.send_if_modified(|b| {
+            let changed = *b != backends;
+            *b = backends;
+            changed
+        });
+    }
+
+    /// Adds one replica, if it is not among them yet.
+    pub fn add(&self, backend: SocketAddr) {
+        self.0.send_if_modified(|b| {
+            let new = !b.contains(&backend);
+            if new {
+                b.push(backend);
+            }
+            new
+        });
+    }
+
+    /// The replicas it forwards to now.
+    pub fn get(&self) -> Vec<SocketAddr> {
+        self.0.borrow().clone()
+    }
 }
 
 impl Drop for Front {
@@ -38,7 +70,7 @@ impl Front {
         let task = tokio::spawn(serve(listener, rx));
         Ok(Self {
             addr,
-            backends,
+            backends: Backends(backends),
             task,
         })
     }
@@ -50,16 +82,17 @@ impl Front {
 
     /// The replicas new connections go to (connections already forwarded stay).
     pub fn set_backends(&self, backends: Vec<SocketAddr>) {
-        self.backends.send_if_modified(|b| {
-            let changed = *b != backends;
-            *b = backends;
-            changed
-        });
+        self.backends.set(backends);
     }
 
     /// The replicas it forwards to now.
     pub fn backends(&self) -> Vec<SocketAddr> {
-        self.backends.borrow().clone()
+        self.backends.get()
+    }
+
+    /// A handle on its replicas for another task.
+    pub fn backends_handle(&self) -> Backends {
+        self.backends.clone()
     }
 }
 

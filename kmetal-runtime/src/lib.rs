@@ -47,7 +47,7 @@ pub use etcd::{
     MemberStatus,
 };
 pub use flags::{Egress, EtcdClient, EtcdTls};
-pub use front::Front;
+pub use front::{Backends, Front};
 pub use gate::{Queued, StartGate};
 pub use plan::{ControlPlanePlan, PlanError};
 pub use process::{ProcessRuntime, ProcessRuntimeConfig};

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::catalog::{Catalog, Component};
 use crate::etcd::{EtcdCluster, EtcdClusterConfig, EtcdPlan, EtcdStatus};
 use crate::flags::{self, ApiserverInputs, Flags};
-use crate::front::Front;
+use crate::front::{Backends, Front};
 use crate::gate::{StartGate, Ticket};
 use crate::http::Client;
 use crate::layout::{ReplicaId, TenantLayout, pidfile_in};
@@ -85,8 +85,9 @@ struct Tenant {
     replicas: Vec<Replica>,
     /// kubeadm's `kubeadm:cluster-admins` binding exists (admin.conf is an admin).
     bootstrapped: Arc<AtomicBool>,
-    /// Makes that binding as soon as a replica answers, between probes.
-    bootstrapper: JoinSet<()>,
+    /// While it boots: makes that binding and puts each api-server behind the front as soon
+    /// as it answers, between probes ([`watch_boot`]).
+    _boot_watch: JoinSet<()>,
     /// The probes' client per replica address, for the bundle with this digest.
     clients: (u64, HashMap<SocketAddr, Client>),
     status: Option<ControlPlaneStatus>,
@@ -326,19 +327,26 @@ impl ProcessRuntime {
             .collect();
         let watcher = self.watch_replicas(&plan.tenant, &replicas);
         let bootstrapped = Arc::new(AtomicBool::new(false));
-        let mut bootstrapper = JoinSet::new();
+        let mut boot_watch = JoinSet::new();
         let clients = replicas
             .iter()
             .filter(|r| r.id.component == Component::ApiServer)
-            .map(|r| self.probe_client(&layout, plan, r.addr))
-            .collect::<Result<Vec<_>, _>>()?;
-        bootstrapper.spawn(bootstrap_early(clients, bootstrapped.clone()));
+            .map(|r| Ok((r.addr, self.probe_client(&layout, plan, r.addr)?)))
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        boot_watch.spawn(watch_boot(Boot {
+            apiservers: clients,
+            front: front.backends_handle(),
+            bootstrapped: bootstrapped.clone(),
+            tenant: plan.tenant.clone(),
+            changes: self.changes.clone(),
+            until: tokio::time::Instant::now() + self.config.boot_timeout,
+        }));
         Ok(Start::Running(Box::new(Tenant {
             layout,
             front,
             replicas,
             bootstrapped,
-            bootstrapper,
+            _boot_watch: boot_watch,
             clients: (0, HashMap::new()),
             status: None,
             watcher,
@@ -513,7 +521,6 @@ impl ProcessRuntime {
                 && crate::bootstrap::bind_cluster_admins(&client).await.is_ok()
             {
                 t.bootstrapped.store(true, Ordering::Release);
-                t.bootstrapper.abort_all();
             }
             for c in [Component::ControllerManager, Component::Scheduler] {
                 let holder = match probe::lease(&client, "kube-system", c.binary()).await {
@@ -559,16 +566,46 @@ fn replica_ids(replicas: usize) -> Vec<ReplicaId> {
     ids
 }
 
-/// Tries the `kubeadm:cluster-admins` binding on every api-server replica every 100 ms
-/// until one takes it: the api-server accepts it well before `/readyz` is ok, and then
-/// admin.conf works from the api-server's first moments rather than from the next probe.
-async fn bootstrap_early(clients: Vec<Client>, done: Arc<AtomicBool>) {
-    while !done.load(Ordering::Acquire) {
-        for c in &clients {
-            if crate::bootstrap::bind_cluster_admins(c).await.is_ok() {
-                done.store(true, Ordering::Release);
-                return;
+/// What [`watch_boot`] watches: a booting tenant's api-servers.
+struct Boot {
+    apiservers: Vec<(SocketAddr, Client)>,
+    front: Backends,
+    bootstrapped: Arc<AtomicBool>,
+    tenant: TenantId,
+    changes: broadcast::Sender<TenantId>,
+    until: tokio::time::Instant,
+}
+
+/// Every 100 ms while the tenant boots: tries the `kubeadm:cluster-admins` binding (the
+/// api-server accepts it well before `/readyz` is ok, so admin.conf works from the first
+/// moment it is served) and puts each api-server behind the front the moment its `/readyz`
+/// is ok, telling the operator. Probes between reconciles would be up to a pass late.
+async fn watch_boot(mut b: Boot) {
+    while tokio::time::Instant::now() < b.until {
+        if !b.bootstrapped.load(Ordering::Acquire) {
+            for (_, c) in &b.apiservers {
+                if crate::bootstrap::bind_cluster_admins(c).await.is_ok() {
+                    b.bootstrapped.store(true, Ordering::Release);
+                    break;
+                }
             }
+        }
+        let mut answered = false;
+        let mut booting = Vec::new();
+        for (addr, c) in std::mem::take(&mut b.apiservers) {
+            if probe::readyz(&c).await.is_ok() {
+                b.front.add(addr);
+                answered = true;
+            } else {
+                booting.push((addr, c));
+            }
+        }
+        b.apiservers = booting;
+        if answered {
+            let _ = b.changes.send(b.tenant.clone());
+        }
+        if b.apiservers.is_empty() && b.bootstrapped.load(Ordering::Acquire) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
