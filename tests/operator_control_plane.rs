@@ -648,42 +648,56 @@ async fn node_proxy_reaches_a_worker_through_the_tenants_tunnel() {
     );
 }
 
-/// An operator killed outright (SIGKILL: no shutdown) leaves its tenants' processes running;
-/// the next operator adopts them (same pids, no restart) and the tenant answers again as
-/// soon as its address is served.
+/// With room for one booting tenant, the second waits with a StartQueued condition and then
+/// boots; an operator killed outright (SIGKILL: no shutdown) leaves both tenants' processes
+/// running; the next operator adopts them at once, past its start gate (same pids, no
+/// restart), and they answer again as soon as their addresses are served.
 #[test]
 fn a_killed_operator_is_succeeded_without_restarting_the_control_plane() {
     let env = Env::new();
-    let port = free_port().expect("port");
-    apply(
-        &env.state,
-        env.dir.path(),
-        "k.yaml",
-        &tenant_yaml("kept", "127.0.84.10", port, 1, &pinned_version()),
+    let version = pinned_version();
+    for (name, address) in [("kept", "127.0.84.10"), ("later", "127.0.84.11")] {
+        let yaml = tenant_yaml(name, address, free_port().expect("port"), 1, &version);
+        apply(&env.state, env.dir.path(), &format!("{name}.yaml"), &yaml);
+    }
+    let first = env.run_with(&["--boot-limit", "1"]);
+    let queued = wait_until(Duration::from_secs(60), || {
+        ["kept", "later"].iter().any(|n| {
+            condition(&env.tenant(n), "ControlPlaneReady")
+                .is_some_and(|c| c["reason"] == "StartQueued")
+        })
+    });
+    assert!(
+        queued,
+        "no tenant waited its turn: {:#}",
+        env.tenant("later")["status"]
     );
-    let first = env.run();
     env.wait_ready("kept", Duration::from_secs(240));
+    env.wait_ready("later", Duration::from_secs(240));
     let pids = env.pids("kept");
     assert_eq!(pids.len(), 3, "{pids:?}");
-    let apiserver = env.pid("kept", "kube-apiserver-0").expect("pid");
+    let apiservers = ["kept", "later"].map(|n| env.pid(n, "kube-apiserver-0").expect("pid"));
     first.kill();
     assert!(
         pids.iter().all(|p| alive(*p)),
         "the control plane outlives a crashed operator"
     );
 
-    let _second = env.run();
-    let served = wait_until(Duration::from_secs(60), || {
-        env.kubectl("kept", &["get", "ns", "default"]).is_ok()
-    });
-    assert!(served, "{}", env.logs("kept"));
+    let _second = env.run_with(&["--boot-limit", "1"]);
+    for name in ["kept", "later"] {
+        let served = wait_until(Duration::from_secs(60), || {
+            env.kubectl(name, &["get", "ns", "default"]).is_ok()
+        });
+        assert!(served, "{}", env.logs(name));
+    }
     env.wait_ready("kept", Duration::from_secs(60));
+    env.wait_ready("later", Duration::from_secs(60));
     // The controllers may have exited meanwhile by themselves (they do when they cannot
-    // renew their Lease while nothing serves the tenant's address); the api-server did not.
+    // renew their Lease while nothing serves the tenant's address); the api-servers did not.
     assert_eq!(
-        env.pid("kept", "kube-apiserver-0"),
-        Some(apiserver),
-        "the api-server was adopted, not restarted"
+        ["kept", "later"].map(|n| env.pid(n, "kube-apiserver-0")),
+        apiservers.map(Some),
+        "the api-servers were adopted, not restarted"
     );
 }
 
