@@ -56,7 +56,7 @@ use crate::sqllog::{LogOptions, SqlLog, WriterHome, check_schema, delegate_datas
 pub struct SqliteConfig {
     /// The database file (created if missing).
     pub path: PathBuf,
-    /// Read connections.
+    /// Read connections, at most: reads beyond them wait for one.
     pub readers: usize,
     /// What every SQL store shares.
     pub log: LogOptions,
@@ -437,6 +437,10 @@ fn lease_keys(c: &Connection, id: LeaseId) -> Sql<Vec<Bytes>> {
 struct Readers {
     path: PathBuf,
     pool: Arc<Mutex<Vec<Db>>>,
+    /// One permit per reader connection: reads beyond them wait rather than open more (an
+    /// api-server's boot lists every resource at once, and each connection opened for it
+    /// would stay in the pool with its page cache for the life of the store).
+    slots: Arc<tokio::sync::Semaphore>,
     /// The WAL file as the feed last saw it (modified time, length; `None` before the first
     /// look), and when to look next.
     wal_seen: Option<Option<(Option<SystemTime>, u64)>>,
@@ -453,7 +457,10 @@ impl Readers {
         f: impl FnOnce(&mut Db) -> Sql<T> + Send + 'static,
     ) -> Sql<T> {
         let this = self.clone();
+        // The semaphore is never closed: a permit always comes.
+        let permit = self.slots.clone().acquire_owned().await.ok();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let taken = this.pool.lock().ok().and_then(|mut p| p.pop());
             let mut db = match taken {
                 Some(db) => db,
@@ -619,6 +626,7 @@ impl SqliteStore {
         let readers = Readers {
             path: cfg.path.clone(),
             pool: Arc::new(Mutex::new(Vec::with_capacity(cfg.readers))),
+            slots: Arc::new(tokio::sync::Semaphore::new(cfg.readers.max(1))),
             wal_seen: None,
             next_look: tokio::time::Instant::now(),
         };
