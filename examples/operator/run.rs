@@ -609,37 +609,32 @@ impl Worker {
             Some(Ok(Outcome::NotReady(why))) => Some(why),
             Some(Err(e)) => Some(e.to_string()),
         };
-        if let Some(why) = retry
-            .as_deref()
-            .filter(|w| w.ends_with(crate::phases::IN_PROGRESS))
-        {
-            // Starting processes, not failures: look again soon, without backoff (a tenant
-            // is Ready, and its admin bound, at the first look after its api-server is).
+        let Some(why) = retry else { return };
+        // Starting processes and tenants waiting their turn to boot are not failures: look
+        // again after a fixed pause, without backoff (a tenant is Ready, and its admin
+        // bound, at the first look after its api-server is; a queued one is told its turn).
+        let pause = if why.ends_with(crate::phases::IN_PROGRESS) {
+            Some(IN_PROGRESS_POLL)
+        } else if why.ends_with(crate::phases::QUEUED) {
+            Some(QUEUED_POLL)
+        } else {
+            None
+        };
+        if let Some(pause) = pause {
             tracing::debug!(tenant = %key.display(), reason = %why, "in progress; requeued");
-            tokio::time::sleep(IN_PROGRESS_POLL).await;
+            tokio::time::sleep(pause).await;
             let _ = self.tx.send(key);
             return;
         }
-        if let Some(why) = retry
-            .as_deref()
-            .filter(|w| w.ends_with(crate::phases::QUEUED))
-        {
-            tracing::debug!(tenant = %key.display(), reason = %why, "waiting its turn to boot");
-            tokio::time::sleep(QUEUED_POLL).await;
-            let _ = self.tx.send(key);
-            return;
-        }
-        if let Some(why) = retry {
-            let n = {
-                let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-                let n = f.entry(key.clone()).or_insert(0);
-                *n += 1;
-                *n
-            };
-            tracing::info!(tenant = %key.display(), reason = %why, attempt = n, "not ready; requeued");
-            tokio::time::sleep(backoff(n)).await;
-            let _ = self.tx.send(key);
-        }
+        let n = {
+            let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let n = f.entry(key.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        tracing::info!(tenant = %key.display(), reason = %why, attempt = n, "not ready; requeued");
+        tokio::time::sleep(backoff(n)).await;
+        let _ = self.tx.send(key);
     }
 }
 

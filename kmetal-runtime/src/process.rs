@@ -295,10 +295,7 @@ impl ProcessRuntime {
                         version: plan.version.clone(),
                         endpoint: plan.endpoint,
                         replicas: Vec::new(),
-                        leases: vec![
-                            (Component::ControllerManager, None),
-                            (Component::Scheduler, None),
-                        ],
+                        leases: unheld_leases(),
                         queued: Some(q),
                     }));
                 }
@@ -391,11 +388,10 @@ impl ProcessRuntime {
             });
         }
         t.replicas.sort_by_key(|r| r.id);
-        let all_ready = t.status.as_ref().is_some_and(|s| {
-            s.replicas
-                .iter()
-                .all(|r| matches!(r.state, ReplicaState::Ready))
-        });
+        let all_ready = t
+            .status
+            .as_ref()
+            .is_some_and(ControlPlaneStatus::replicas_ready);
         if all_ready && !changed {
             for i in 0..t.replicas.len() {
                 let (id, addr) = (t.replicas[i].id, t.replicas[i].addr);
@@ -530,10 +526,7 @@ impl ProcessRuntime {
                 leases.push((c, holder));
             }
         } else {
-            leases = vec![
-                (Component::ControllerManager, None),
-                (Component::Scheduler, None),
-            ];
+            leases = unheld_leases();
         }
         Ok(ControlPlaneStatus {
             version: plan.version.clone(),
@@ -551,6 +544,14 @@ enum Start {
     Running(Box<Tenant>),
     /// It waits for its turn to boot.
     Queued(ControlPlaneStatus),
+}
+
+/// The controllers' Leases as reported when no api-server answers: held by nobody.
+fn unheld_leases() -> Vec<(Component, Option<String>)> {
+    vec![
+        (Component::ControllerManager, None),
+        (Component::Scheduler, None),
+    ]
 }
 
 /// Each api-server with its controller-manager and scheduler, replica by replica.
@@ -651,10 +652,7 @@ impl ControlPlaneRuntime for ProcessRuntime {
                 },
             };
             let status = self.probe(t, plan).await?;
-            let booted = status
-                .replicas
-                .iter()
-                .all(|r| matches!(r.state, ReplicaState::Ready));
+            let booted = status.replicas_ready();
             if t.boot
                 .as_ref()
                 .is_some_and(|b| booted || b.elapsed() > self.config.boot_timeout)

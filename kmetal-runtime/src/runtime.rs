@@ -155,6 +155,13 @@ pub struct ControlPlaneStatus {
 }
 
 impl ControlPlaneStatus {
+    /// Every replica answers (the Leases aside).
+    pub fn replicas_ready(&self) -> bool {
+        self.replicas
+            .iter()
+            .all(|r| matches!(r.state, ReplicaState::Ready))
+    }
+
     /// Ready: every replica is ready and each controller's Lease is held.
     pub fn is_ready(&self) -> bool {
         self.problems().is_empty()
