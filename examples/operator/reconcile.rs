@@ -760,7 +760,13 @@ impl Reconciler {
         {
             return Ok(l);
         }
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        // Below the ephemeral range, so after an operator restart no outgoing connection
+        // holds the recorded port and the api-servers' flags stay the same.
+        let bind = async {
+            let port = kmetal_runtime::ports::free_port()?;
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).await
+        };
+        let l = bind
             .await
             .map_err(|e| format!("binding the datastore endpoint: {}", kmetal::Report(&e)))?;
         let addr = l.local_addr().map_err(|e| kmetal::Report(&e).to_string())?;

@@ -10,7 +10,7 @@
 //! change (renewal, rotation) restarts the members one at a time, each only while all of
 //! them are healthy.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::flags::{self, ClusterState, EtcdMemberInputs};
 use crate::layout::{Ca, LayoutError, TenantLayout};
+use crate::ports::free_port;
 use crate::runtime::TenantId;
 use crate::supervisor::{Backoff, ProcessSpec, ProcessState, Supervisor};
 
@@ -292,11 +293,9 @@ impl EtcdCluster {
             return Err(EtcdClusterError::NoBinary { path: binary });
         }
         let mut ports = Vec::with_capacity(n);
-        let mut held = Vec::new();
         for name in &plan.members {
-            ports.push(member_ports(&layout, name, &mut held)?);
+            ports.push(member_ports(&layout, name)?);
         }
-        drop(held);
         let initial_cluster = plan
             .members
             .iter()
@@ -426,12 +425,11 @@ fn process_name(member: &str) -> String {
     format!("etcd-{member}")
 }
 
-/// The member's client and peer ports: the ones it had, or two free loopback ports. New
-/// ports stay bound in `held` until every member has its own, so no two members share one.
+/// The member's client and peer ports: the ones it had, or two free loopback ports (the
+/// picker never hands a port out twice, so no two members share one).
 fn member_ports(
     layout: &TenantLayout,
     name: &str,
-    held: &mut Vec<TcpListener>,
 ) -> Result<(SocketAddr, SocketAddr), EtcdClusterError> {
     let file = layout.run_file(process_name(name), "addr");
     if let Some((c, p)) = std::fs::read_to_string(&file).ok().and_then(|s| {
@@ -447,11 +445,9 @@ fn member_ports(
             source,
         }
     };
-    let mut free = || {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
-        let addr = l.local_addr().map_err(io("finding a free port"))?;
-        held.push(l);
-        Ok::<_, EtcdClusterError>(addr)
+    let free = || {
+        let port = free_port().map_err(io("finding a free port"))?;
+        Ok::<_, EtcdClusterError>(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     };
     let (client, peer) = (free()?, free()?);
     std::fs::write(&file, format!("{client} {peer}")).map_err(io("writing its ports"))?;

@@ -22,6 +22,8 @@
 //!   adopted again after the runtime itself was killed.
 //! - [`front`]: [`Front`]: the tenant's Service address, forwarding connections to the
 //!   replicas that are ready.
+//! - [`ports`]: free loopback ports for replicas and etcd members, below the ephemeral
+//!   range so no outgoing connection takes one before its server binds it.
 //! - [`probe`]: `/readyz` of one replica and the holder of a Lease.
 //! - [`bootstrap`]: what `kubeadm init` does once the cluster answers (the cluster-admins
 //!   binding behind `admin.conf`).
@@ -36,6 +38,7 @@ pub mod gate;
 pub mod http;
 pub mod layout;
 pub mod plan;
+pub mod ports;
 pub mod probe;
 pub mod process;
 pub mod runtime;

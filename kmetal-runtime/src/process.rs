@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,7 @@ use crate::gate::{StartGate, Ticket};
 use crate::http::Client;
 use crate::layout::{ReplicaId, TenantLayout, pidfile_in};
 use crate::plan::ControlPlanePlan;
+use crate::ports::free_port;
 use crate::probe;
 use crate::runtime::{
     ControlPlaneRuntime, ControlPlaneStatus, ReplicaState, ReplicaStatus, RuntimeError, TenantId,
@@ -252,9 +253,7 @@ impl ProcessRuntime {
             replica: id,
             source,
         };
-        let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(port_err)?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().map_err(port_err)?));
         std::fs::write(&file, addr.to_string()).map_err(port_err)?;
         Ok(addr)
     }
