@@ -81,6 +81,13 @@ pub enum DatastoreError {
         /// The quota.
         quota: u64,
     },
+    /// A watch fell further behind than its queue holds and cannot be opened again where it
+    /// stopped (a stream without a way to resume): watch again from `from`, or relist.
+    #[error("watch fell behind at revision {from}: resume from there")]
+    WatchBehind {
+        /// The first revision the watch did not deliver.
+        from: i64,
+    },
     /// The datastore cannot serve the request now (no quorum, connection lost, timeout).
     /// Retrying later may succeed; a write that failed this way may or may not have been
     /// applied.

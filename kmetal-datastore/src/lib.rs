@@ -5,7 +5,8 @@
 //!   requests and responses; etcd's [`Limits`](model::Limits).
 //! - [`error`]: [`DatastoreError`], typed errors mirroring etcd's (too large, too many ops,
 //!   compacted, future revision, lease not found, permission denied, quota, unavailable).
-//! - [`store`]: the [`Datastore`] trait and [`WatchStream`].
+//! - [`store`]: the [`Datastore`] trait and the bounded [`WatchStream`] (a watch that falls
+//!   behind its queue reads the rest back from history; [`watch_channel`] makes one).
 //! - [`memory`]: [`MemoryStore`], the in-process reference model every driver is checked
 //!   against.
 //! - [`etcd`] (feature `etcd`, default): [`EtcdStore`](etcd::EtcdStore) over a dedicated
@@ -55,4 +56,4 @@ pub mod url;
 pub use error::{DatastoreError, Result};
 pub use memory::MemoryStore;
 pub use provision::Provisioner;
-pub use store::{Datastore, WatchStream};
+pub use store::{Datastore, WatchSender, WatchStream, watch_channel};

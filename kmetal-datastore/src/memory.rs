@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{DatastoreError, Result};
@@ -22,7 +21,7 @@ use crate::model::{
     LeaseGrant, LeaseId, LeaseInfo, Limits, PutRequest, PutResponse, RangeRequest, RangeResponse,
     RequestOp, ResponseOp, Revision, Status, TxnRequest, TxnResponse, WatchBatch, WatchRequest,
 };
-use crate::store::{Datastore, WatchStream};
+use crate::store::{Datastore, Resume, WatchSender, WatchStream, watch_channel};
 
 /// Bytes we count per stored revision on top of key and value, for `db_size` and the quota.
 const ENTRY_OVERHEAD: u64 = 48;
@@ -53,7 +52,7 @@ struct Watcher {
     progress: bool,
     /// When the watcher was last sent anything.
     last_sent: Instant,
-    tx: mpsc::UnboundedSender<Result<WatchBatch>>,
+    tx: WatchSender,
 }
 
 /// An import was asked of a store that already has keys or writes.
@@ -480,12 +479,10 @@ impl State {
                 w.last_sent = Instant::now();
             }
             if !batch.is_empty()
-                && w.tx
-                    .send(Ok(WatchBatch {
-                        revision: rev,
-                        events: batch,
-                    }))
-                    .is_err()
+                && !w.tx.send(Ok(WatchBatch {
+                    revision: rev,
+                    events: batch,
+                }))
             {
                 dead.push(*id);
             }
@@ -689,7 +686,26 @@ impl Datastore for MemoryStore {
                 compacted: s.compacted,
             });
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let id = s.next_watch;
+        s.next_watch += 1;
+        let weak = Arc::downgrade(&self.shared);
+        let again = req.clone();
+        let resume: Resume = Box::new(move |from| {
+            let (weak, mut req) = (weak.clone(), again.clone());
+            req.start_revision = from;
+            Box::pin(async move {
+                let shared = weak.upgrade()?;
+                Some(MemoryStore { shared }.watch(req).await)
+            })
+        });
+        let (tx, stream) = watch_channel(
+            self.shared.limits.watch_buffer_bytes,
+            Unregister {
+                shared: Arc::downgrade(&self.shared),
+                id,
+            },
+            Some(resume),
+        );
         let mut w = Watcher {
             range: req.range,
             next_rev: start,
@@ -700,13 +716,17 @@ impl Datastore for MemoryStore {
             last_sent: Instant::now(),
             tx,
         };
-        // Replay history under the same lock that registers the watcher: no gap, no duplicate.
+        // Replay history under the same lock that registers the watcher: no gap, no
+        // duplicate. A replay larger than the queue stops there; the stream reads on from
+        // where it stopped once its consumer has caught up.
+        let first = s.log.partition_point(|(r, _)| *r < start);
         let mut batch: Option<WatchBatch> = None;
-        for (rev, e) in s.log.iter().filter(|(r, _)| *r >= start) {
+        for (rev, e) in s.log.range(first..) {
             if batch.as_ref().is_some_and(|b| b.revision != *rev)
                 && let Some(b) = batch.take()
+                && !w.tx.send(Ok(b))
             {
-                let _ = w.tx.send(Ok(b));
+                return Ok(stream);
             }
             if wants(&w, e) {
                 batch
@@ -718,20 +738,14 @@ impl Datastore for MemoryStore {
                     .push(strip(&w, e));
             }
         }
-        if let Some(b) = batch {
-            let _ = w.tx.send(Ok(b));
+        if let Some(b) = batch
+            && !w.tx.send(Ok(b))
+        {
+            return Ok(stream);
         }
         w.next_rev = w.next_rev.max(s.revision + 1);
-        let id = s.next_watch;
-        s.next_watch += 1;
         s.watchers.insert(id, w);
-        Ok(WatchStream::new(
-            rx,
-            Unregister {
-                shared: Arc::downgrade(&self.shared),
-                id,
-            },
-        ))
+        Ok(stream)
     }
 
     async fn lease_grant(&self, ttl: i64, id: LeaseId) -> Result<LeaseGrant> {

@@ -33,16 +33,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::{RwLock, mpsc, watch};
+use tokio::sync::{RwLock, watch};
 
 use crate::backup::{all_keys, content_hash, copy_keys};
 use crate::error::{DatastoreError, Result};
 use crate::model::{
     CompactResponse, DeleteRangeRequest, DeleteRangeResponse, KeyValue, LeaseGrant, LeaseId,
-    LeaseInfo, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status, TxnRequest,
-    TxnResponse, WatchRequest,
+    LeaseInfo, Limits, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status,
+    TxnRequest, TxnResponse, WatchRequest,
 };
-use crate::store::{Datastore, WatchStream};
+use crate::store::{Datastore, WatchSender, WatchStream, watch_channel};
 
 /// A write waited longer than the freeze allows.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -138,9 +138,11 @@ impl Datastore for MigratableStore {
         switches.mark_unchanged();
         let backend = self.backend().await;
         let inner = backend.watch(req.clone()).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(follow(inner, backend, req, switches, tx));
-        Ok(WatchStream::new(rx, AbortOnDrop(task)))
+        // The inner stream catches up by itself when it falls behind; this queue waits for
+        // its consumer, and the task ends once the stream is gone.
+        let (tx, stream) = watch_channel(Limits::default().watch_buffer_bytes, (), None);
+        tokio::spawn(follow(inner, backend, req, switches, tx));
+        Ok(stream)
     }
     async fn lease_grant(&self, ttl: i64, id: LeaseId) -> Result<LeaseGrant> {
         let _open = self.write_gate().await?;
@@ -171,15 +173,6 @@ impl Datastore for MigratableStore {
     }
 }
 
-/// Ends a watch's forwarding task with its stream.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Forwards one watch from the backend it was opened on, and across every switch: drains
 /// what the old backend had for it up to the switch, then goes on from the target at the
 /// next revision, or ends with etcd's compacted error when the target's revisions differ.
@@ -188,14 +181,15 @@ async fn follow(
     mut on: Arc<dyn Datastore>,
     req: WatchRequest,
     mut switches: watch::Receiver<Option<Switch>>,
-    tx: mpsc::UnboundedSender<Result<crate::model::WatchBatch>>,
+    tx: WatchSender,
 ) {
     let mut open = true;
     loop {
         tokio::select! {
+            () = tx.closed() => return,
             batch = stream.next(), if open => match batch {
                 Some(Ok(batch)) => {
-                    if tx.send(Ok(batch)).is_err() {
+                    if !tx.send_wait(Ok(batch)).await {
                         return;
                     }
                 }
@@ -256,7 +250,7 @@ async fn drain(
     stream: &mut WatchStream,
     source: &dyn Datastore,
     revision: Revision,
-    tx: &mpsc::UnboundedSender<Result<crate::model::WatchBatch>>,
+    tx: &WatchSender,
 ) {
     // Everything up to the switch has been handed to the watches once the source says so
     // (writes are frozen, so it gets there); a source that cannot tell gets a moment.
@@ -272,10 +266,19 @@ async fn drain(
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
-    while let Some(batch) = stream.try_next() {
+    loop {
+        // What is queued, then, for a watch that fell behind, the rest read back from the
+        // source (frozen at the switch, so the read-back ends there).
+        let batch = match stream.try_next() {
+            Some(b) => b,
+            None if stream.is_behind() => match stream.next().await {
+                Some(b) => b,
+                None => return,
+            },
+            None => return,
+        };
         let end = batch.is_err();
-        let _ = tx.send(batch);
-        if end {
+        if !tx.send_wait(batch).await || end {
             return;
         }
     }

@@ -578,6 +578,10 @@ pub struct Limits {
     pub quota_backend_bytes: u64,
     /// Longest lease TTL in seconds (etcd: 9,000,000,000).
     pub max_lease_ttl: i64,
+    /// Bytes of batches one watch may have queued that its consumer has not taken (1 MiB);
+    /// a watch that falls further behind is read back from history once it has caught up
+    /// (see [`WatchStream`](crate::WatchStream)).
+    pub watch_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -587,6 +591,7 @@ impl Default for Limits {
             max_txn_ops: 128,
             quota_backend_bytes: 2 * 1024 * 1024 * 1024,
             max_lease_ttl: 9_000_000_000,
+            watch_buffer_bytes: 1 << 20,
         }
     }
 }

@@ -1,8 +1,26 @@
-//! The [`Datastore`] trait every driver implements, and the [`WatchStream`] it hands out.
+//! The [`Datastore`] trait every driver implements, and the bounded [`WatchStream`] it hands
+//! out.
+//!
+//! A watch's queue holds at most [`Limits::watch_buffer_bytes`](crate::model::Limits) of
+//! batches its consumer has not taken (one batch always fits). A driver that fans events out
+//! to many watches never waits for one of them: a batch that does not fit puts the watch
+//! *behind* (the driver forgets it), and once its consumer has taken what is queued the
+//! stream opens the same watch again from the first revision it missed, read back from the
+//! store's history, as etcd's unsynced watchers catch up from its backend. A watch whose
+//! missing revisions were compacted in the meantime ends with etcd's compacted error, so a
+//! stalled client costs its queue and nothing more, and a slow one still sees every event
+//! once, in order. Forwarders that read another bounded stream wait for room instead
+//! ([`WatchSender::send_wait`]).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
+use crate::DatastoreError;
 use crate::error::Result;
 use crate::model::{
     CompactResponse, DeleteRangeRequest, DeleteRangeResponse, KeyValue, LeaseGrant, LeaseId,
@@ -59,9 +77,18 @@ pub trait Datastore: Send + Sync {
     }
 }
 
-/// A stream of watch batches. Dropping it cancels the watch.
+/// How a stream that fell behind opens its watch again from a revision: `None` when the
+/// store is gone (the stream then ends).
+pub type Resume = Box<
+    dyn Fn(Revision) -> Pin<Box<dyn Future<Output = Option<Result<WatchStream>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A bounded stream of watch batches. Dropping it cancels the watch.
 pub struct WatchStream {
-    rx: mpsc::UnboundedReceiver<Result<WatchBatch>>,
+    chan: Arc<Chan>,
+    resume: Option<Resume>,
     _cancel_on_drop: Box<dyn Send + Sync>,
 }
 
@@ -71,25 +98,352 @@ impl std::fmt::Debug for WatchStream {
     }
 }
 
-impl WatchStream {
-    /// A stream fed by `rx`; `guard` is dropped with the stream (drivers unregister there).
-    pub fn new(
-        rx: mpsc::UnboundedReceiver<Result<WatchBatch>>,
-        guard: impl Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            rx,
+/// A new watch queue of `budget` bytes: the driver's sending half and the stream it returns,
+/// with `guard` dropped with the stream (drivers unregister there) and `resume` opening the
+/// watch again after the queue overflowed (without one, an overflow ends the stream with
+/// [`DatastoreError::WatchBehind`]).
+pub fn watch_channel(
+    budget: usize,
+    guard: impl Send + Sync + 'static,
+    resume: Option<Resume>,
+) -> (WatchSender, WatchStream) {
+    let chan = Arc::new(Chan {
+        queue: Mutex::new(Queue::default()),
+        budget,
+        ready: Notify::new(),
+        room: Notify::new(),
+    });
+    (
+        WatchSender { chan: chan.clone() },
+        WatchStream {
+            chan,
+            resume,
             _cancel_on_drop: Box::new(guard),
+        },
+    )
+}
+
+/// The driver's half of a watch queue; dropping it ends the stream once drained.
+pub struct WatchSender {
+    chan: Arc<Chan>,
+}
+
+impl std::fmt::Debug for WatchSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchSender").finish_non_exhaustive()
+    }
+}
+
+struct Chan {
+    queue: Mutex<Queue>,
+    budget: usize,
+    /// Woken when an item is queued or the watch ends.
+    ready: Notify,
+    /// Woken when the consumer takes an item (for [`WatchSender::send_wait`]).
+    room: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<(usize, Result<WatchBatch>)>,
+    bytes: usize,
+    /// The first revision that did not fit: the watch is behind from there.
+    behind: Option<Revision>,
+    sender_gone: bool,
+    stream_gone: bool,
+}
+
+impl Chan {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing can panic while the queue is locked; a poisoned lock still holds a
+        // consistent queue.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What one queued batch is counted as: its keys and values plus a fixed cost per event.
+fn weight(item: &Result<WatchBatch>) -> usize {
+    const EVENT: usize = 64;
+    let kv = |kv: &crate::model::KeyValue| EVENT + kv.key.len() + kv.value.len();
+    match item {
+        Ok(b) => {
+            EVENT
+                + b.events
+                    .iter()
+                    .map(|e| kv(&e.kv) + e.prev_kv.as_ref().map_or(0, kv))
+                    .sum::<usize>()
+        }
+        Err(_) => EVENT,
+    }
+}
+
+impl WatchSender {
+    /// Queues `item` without waiting. `false` means stop sending to this watch: its stream
+    /// is gone, or the batch did not fit and the stream will open the watch again from this
+    /// batch's first revision (an error always fits: it ends the watch).
+    pub fn send(&self, item: Result<WatchBatch>) -> bool {
+        let mut q = self.chan.lock();
+        if q.stream_gone || q.behind.is_some() {
+            return false;
+        }
+        let w = weight(&item);
+        if let Ok(b) = &item
+            && !q.items.is_empty()
+            && q.bytes + w > self.chan.budget
+        {
+            q.behind = Some(
+                b.events
+                    .first()
+                    .map_or(b.revision + 1, |e| e.kv.mod_revision),
+            );
+            drop(q);
+            self.chan.ready.notify_one();
+            return false;
+        }
+        q.bytes += w;
+        q.items.push_back((w, item));
+        drop(q);
+        self.chan.ready.notify_one();
+        true
+    }
+
+    /// Queues `item`, waiting while the queue is full; `false` when the stream is gone.
+    pub async fn send_wait(&self, item: Result<WatchBatch>) -> bool {
+        let w = weight(&item);
+        let mut item = Some(item);
+        loop {
+            let room = self.chan.room.notified();
+            {
+                let mut q = self.chan.lock();
+                if q.stream_gone {
+                    return false;
+                }
+                if q.items.is_empty() || q.bytes + w <= self.chan.budget {
+                    q.bytes += w;
+                    if let Some(item) = item.take() {
+                        q.items.push_back((w, item));
+                    }
+                    drop(q);
+                    self.chan.ready.notify_one();
+                    return true;
+                }
+            }
+            room.await;
         }
     }
 
-    /// The next batch; `None` when the watch ended (store dropped); an error ends it too.
-    pub async fn next(&mut self) -> Option<Result<WatchBatch>> {
-        self.rx.recv().await
+    /// Whether the stream is gone (its consumer dropped it).
+    pub fn is_closed(&self) -> bool {
+        self.chan.lock().stream_gone
     }
 
-    /// The next batch if one is already waiting (never waits).
+    /// Waits until the stream is gone.
+    pub async fn closed(&self) {
+        loop {
+            let room = self.chan.room.notified();
+            if self.is_closed() {
+                return;
+            }
+            room.await;
+        }
+    }
+}
+
+impl Drop for WatchSender {
+    fn drop(&mut self) {
+        self.chan.lock().sender_gone = true;
+        self.chan.ready.notify_one();
+    }
+}
+
+/// What the queue had for the stream.
+enum Taken {
+    Item(Result<WatchBatch>),
+    /// Drained, and behind from this revision.
+    Behind(Revision),
+    Ended,
+    Empty,
+}
+
+impl WatchStream {
+    fn take(&self) -> Taken {
+        let mut q = self.chan.lock();
+        let taken = match q.items.pop_front() {
+            Some((w, item)) => {
+                q.bytes -= w;
+                Taken::Item(item)
+            }
+            None => match q.behind {
+                Some(r) => Taken::Behind(r),
+                None if q.sender_gone => Taken::Ended,
+                None => Taken::Empty,
+            },
+        };
+        drop(q);
+        if matches!(taken, Taken::Item(_)) {
+            self.chan.room.notify_one();
+        }
+        taken
+    }
+
+    /// The next batch; `None` when the watch ended (store dropped); an error ends it too.
+    /// Cancel safe: a batch is taken only when returned.
+    pub async fn next(&mut self) -> Option<Result<WatchBatch>> {
+        loop {
+            let chan = self.chan.clone();
+            let ready = chan.ready.notified();
+            match self.take() {
+                Taken::Item(item) => return Some(item),
+                Taken::Ended => return None,
+                Taken::Empty => ready.await,
+                Taken::Behind(from) => match &self.resume {
+                    None => {
+                        self.resume_failed();
+                        return Some(Err(DatastoreError::WatchBehind { from }));
+                    }
+                    Some(resume) => match resume(from).await {
+                        Some(Ok(again)) => *self = again,
+                        Some(Err(e)) => {
+                            self.resume_failed();
+                            return Some(Err(e));
+                        }
+                        None => {
+                            self.resume_failed();
+                            return None;
+                        }
+                    },
+                },
+            }
+        }
+    }
+
+    /// Ends the stream for good after a resume that did not happen.
+    fn resume_failed(&mut self) {
+        let mut q = self.chan.lock();
+        q.behind = None;
+        q.sender_gone = true;
+    }
+
+    /// The next batch if one is already queued (never waits, never resumes).
     pub fn try_next(&mut self) -> Option<Result<WatchBatch>> {
-        self.rx.try_recv().ok()
+        match self.take() {
+            Taken::Item(item) => Some(item),
+            _ => None,
+        }
+    }
+
+    /// Whether the watch fell behind: events after what is queued are still to be read back
+    /// (by [`next`](Self::next)), so the queue does not hold everything up to the store's
+    /// dispatched revision.
+    pub fn is_behind(&self) -> bool {
+        self.chan.lock().behind.is_some()
+    }
+}
+
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        self.chan.lock().stream_gone = true;
+        self.chan.room.notify_waiters();
+        self.chan.room.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Event, EventKind, KeyValue};
+    use bytes::Bytes;
+
+    fn batch(rev: Revision, bytes: usize) -> Result<WatchBatch> {
+        Ok(WatchBatch {
+            revision: rev,
+            events: vec![Event {
+                kind: EventKind::Put,
+                kv: KeyValue {
+                    key: Bytes::from_static(b"/k"),
+                    value: Bytes::from(vec![0; bytes]),
+                    mod_revision: rev,
+                    ..KeyValue::default()
+                },
+                prev_kv: None,
+            }],
+        })
+    }
+
+    fn revision(item: Option<Result<WatchBatch>>) -> Revision {
+        item.expect("an item").expect("a batch").revision
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_puts_the_watch_behind_at_the_first_batch_that_did_not_fit() {
+        let (tx, mut rx) = watch_channel(1_000, (), None);
+        // One batch always fits, even one larger than the queue.
+        assert!(tx.send(batch(1, 5_000)));
+        assert!(!tx.send(batch(2, 10)), "a second batch over the budget");
+        assert!(!tx.send(batch(3, 10)), "behind: nothing more is queued");
+        assert!(rx.is_behind());
+        assert_eq!(revision(rx.next().await), 1);
+        // Without a way to resume, the stream says where to watch from again.
+        match rx.next().await {
+            Some(Err(DatastoreError::WatchBehind { from })) => assert_eq!(from, 2),
+            other => panic!("expected WatchBehind, got {other:?}"),
+        }
+        assert!(rx.next().await.is_none(), "then it ends");
+    }
+
+    #[tokio::test]
+    async fn a_stream_resumes_from_where_its_queue_ended() {
+        let resume: Resume = Box::new(|from| {
+            Box::pin(async move {
+                let (tx, rx) = watch_channel(1_000, (), None);
+                tx.send(batch(from, 10));
+                Some(Ok(rx))
+            })
+        });
+        let (tx, mut rx) = watch_channel(1_000, (), Some(resume));
+        assert!(tx.send(batch(1, 600)));
+        assert!(!tx.send(batch(2, 600)));
+        drop(tx);
+        assert_eq!(revision(rx.next().await), 1);
+        assert_eq!(revision(rx.next().await), 2, "read again from revision 2");
+        assert!(rx.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_always_fits_and_a_dropped_sender_ends_the_stream() {
+        let (tx, mut rx) = watch_channel(100, (), None);
+        assert!(tx.send(batch(1, 500)));
+        assert!(tx.send(Err(DatastoreError::EmptyKey)));
+        drop(tx);
+        assert_eq!(revision(rx.next().await), 1);
+        assert!(matches!(
+            rx.next().await,
+            Some(Err(DatastoreError::EmptyKey))
+        ));
+        assert!(rx.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn send_wait_waits_for_room_and_sees_a_dropped_stream() {
+        let (tx, mut rx) = watch_channel(1_000, (), None);
+        assert!(tx.send_wait(batch(1, 900)).await);
+        let waiting = tokio::spawn(async move {
+            let sent = tx.send_wait(batch(2, 900)).await;
+            (tx, sent)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "no room until the consumer takes one"
+        );
+        assert_eq!(revision(rx.next().await), 1);
+        let (tx, sent) = waiting.await.expect("task");
+        assert!(sent);
+        assert!(!rx.is_behind(), "waiting never falls behind");
+        assert_eq!(revision(rx.next().await), 2);
+        drop(rx);
+        assert!(tx.is_closed());
+        assert!(!tx.send_wait(batch(3, 1)).await);
+        tx.closed().await;
     }
 }

@@ -36,7 +36,6 @@ use etcd_client::{
     Client, DeleteOptions, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, Txn,
     TxnOp, WatchFilterType, WatchOptions,
 };
-use tokio::sync::mpsc;
 
 use crate::error::{DatastoreError, Result};
 use crate::model::{
@@ -45,7 +44,7 @@ use crate::model::{
     RangeRequest, RangeResponse, RequestOp, ResponseOp, Revision, Status, TxnRequest, TxnResponse,
     WatchBatch, WatchRequest,
 };
-use crate::store::{Datastore, WatchStream};
+use crate::store::{Datastore, WatchSender, WatchStream, watch_channel};
 use config::Prefixer;
 use errors::Kind;
 
@@ -701,13 +700,15 @@ impl Datastore for EtcdStore {
                 Err(e) => return Err(e),
             }
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let tracked = self.watches.register();
-        let task = tokio::spawn(watch_loop(self.clone(), req, tx, ready_tx, tracked));
-        let guard = AbortOnDrop(task.abort_handle());
+        // etcd's own stream waits for us (gRPC flow control) and etcd keeps a slow watch's
+        // events itself, so this queue waits for its consumer instead of falling behind.
+        // The task ends by itself once the stream is gone (`WatchSender::closed`).
+        let (tx, stream) = watch_channel(self.config.limits.watch_buffer_bytes, (), None);
+        tokio::spawn(watch_loop(self.clone(), req, tx, ready_tx, tracked));
         match ready_rx.await {
-            Ok(Ok(())) => Ok(WatchStream::new(rx, guard)),
+            Ok(Ok(())) => Ok(stream),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(DatastoreError::Backend {
                 source: "the watch task ended before the watch was created".into(),
@@ -875,14 +876,6 @@ fn first_lease(t: &TxnRequest) -> LeaseId {
         .unwrap_or(0)
 }
 
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 type Ready = tokio::sync::oneshot::Sender<Result<()>>;
 
 /// Feeds `tx` from etcd, re-creating the etcd watch from the next undelivered revision whenever
@@ -890,7 +883,7 @@ type Ready = tokio::sync::oneshot::Sender<Result<()>>;
 async fn watch_loop(
     store: EtcdStore,
     req: WatchRequest,
-    tx: mpsc::UnboundedSender<Result<WatchBatch>>,
+    tx: WatchSender,
     ready: Ready,
     tracked: Arc<dispatch::Tracked>,
 ) {
@@ -900,6 +893,9 @@ async fn watch_loop(
     let mut broken_since: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
+        if tx.is_closed() {
+            return;
+        }
         let outcome = watch_once(&store, &req, &mut next, &tx, &mut ready, &tracked).await;
         let err = match outcome {
             WatchEnd::ConsumerGone => return,
@@ -928,11 +924,7 @@ async fn watch_loop(
 }
 
 /// Ends a watch with `e`: to the `watch` call while it waits, else as the stream's last item.
-fn report(
-    e: DatastoreError,
-    ready: &mut Option<Ready>,
-    tx: &mpsc::UnboundedSender<Result<WatchBatch>>,
-) {
+fn report(e: DatastoreError, ready: &mut Option<Ready>, tx: &WatchSender) {
     match ready.take() {
         Some(r) => {
             let _ = r.send(Err(e));
@@ -956,7 +948,7 @@ async fn watch_once(
     store: &EtcdStore,
     req: &WatchRequest,
     next: &mut Revision,
-    tx: &mpsc::UnboundedSender<Result<WatchBatch>>,
+    tx: &WatchSender,
     ready: &mut Option<Ready>,
     tracked: &dispatch::Tracked,
 ) -> WatchEnd {
@@ -1099,7 +1091,7 @@ async fn watch_once(
                 revision,
                 events: Vec::new(),
             };
-            if tx.send(Ok(progress)).is_err() {
+            if !tx.send_wait(Ok(progress)).await {
                 return WatchEnd::ConsumerGone;
             }
             continue;
@@ -1140,7 +1132,7 @@ async fn watch_once(
             },
             events: events.into_iter().map(|(_, e)| e).collect(),
         };
-        if tx.send(Ok(batch)).is_err() {
+        if !tx.send_wait(Ok(batch)).await {
             return WatchEnd::ConsumerGone;
         }
         tracked.handed(last);

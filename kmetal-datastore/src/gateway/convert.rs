@@ -79,6 +79,8 @@ pub(crate) fn status(e: DatastoreError) -> Status {
             "etcdserver: mvcc: database space exceeded",
         ),
         DatastoreError::Unavailable { .. } => (Code::Unavailable, "etcdserver: request timed out"),
+        // etcd's own text for a watch it cancelled: clients watch again from their revision.
+        DatastoreError::WatchBehind { .. } => (Code::Unavailable, "etcdserver: watch canceled"),
         _ => return Status::new(Code::Internal, format!("etcdserver: backend failure ({e})")),
     };
     let mut status = Status::new(code, msg);

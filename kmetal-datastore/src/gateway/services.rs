@@ -23,7 +23,7 @@ use etcd_client::proto::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, Identity, status};
@@ -159,7 +159,9 @@ impl PbWatchService for Backend {
         req: Request<Streaming<PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let mut incoming = req.into_inner();
-        let (tx, rx) = mpsc::unbounded_channel::<Result<PbWatchResponse, Status>>();
+        // Bounded: a client that stops reading holds its forwarders, whose store watches then
+        // fall behind at their own bound instead of piling responses up here.
+        let (tx, rx) = mpsc::channel::<Result<PbWatchResponse, Status>>(STREAM_QUEUE);
         let backend = self.clone();
         tokio::spawn(async move {
             let mut watches: HashMap<i64, Forwarder> = HashMap::new();
@@ -194,12 +196,14 @@ impl PbWatchService for Backend {
                             f.task.abort();
                         }
                         let rev = backend.revision().await;
-                        let _ = tx.send(Ok(PbWatchResponse {
-                            header: backend.id.header(rev),
-                            watch_id: c.watch_id,
-                            canceled: true,
-                            ..PbWatchResponse::default()
-                        }));
+                        let _ = tx
+                            .send(Ok(PbWatchResponse {
+                                header: backend.id.header(rev),
+                                watch_id: c.watch_id,
+                                canceled: true,
+                                ..PbWatchResponse::default()
+                            }))
+                            .await;
                     }
                     Some(PbWatchRequestUnion::ProgressRequest(_)) => {
                         let drains = watches.values().map(|f| f.drain.clone()).collect();
@@ -212,14 +216,21 @@ impl PbWatchService for Backend {
                 f.task.abort();
             }
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+/// Responses one watch stream may have waiting for its client.
+const STREAM_QUEUE: usize = 64;
+
+/// A forwarder's answer to a drain: whether it has passed on everything its store watch was
+/// handed (false while the watch is behind and reading its history back).
+type Drained = oneshot::Sender<bool>;
 
 /// One watch's forwarding task and the way to ask it to pass on what it has been handed.
 struct Forwarder {
     task: tokio::task::JoinHandle<()>,
-    drain: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    drain: mpsc::UnboundedSender<Drained>,
 }
 
 /// How long a progress answer waits for the store's watch hub to catch up with the current
@@ -232,11 +243,12 @@ const PROGRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// answer waits until the store's watch hub has handed every watch its events up to R
 /// ([`Datastore::watch_dispatched`]), then each of this stream's forwarders passes on what it
 /// holds. kube-apiserver's watch cache trusts such an answer for consistent reads: sent any
-/// earlier, a read served from the cache could miss the last write.
+/// earlier, a read served from the cache could miss the last write. While a watch of the
+/// stream is behind (reading its history back) no answer is sent: the client asks again.
 async fn progress(
     backend: Backend,
-    drains: Vec<mpsc::UnboundedSender<oneshot::Sender<()>>>,
-    tx: mpsc::UnboundedSender<Result<PbWatchResponse, Status>>,
+    drains: Vec<mpsc::UnboundedSender<Drained>>,
+    tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
 ) {
     let rev = backend.revision().await;
     let deadline = tokio::time::Instant::now() + PROGRESS_WAIT;
@@ -249,15 +261,19 @@ async fn progress(
     for drain in drains {
         let (done, drained) = oneshot::channel();
         // A forwarder that has ended has nothing left to pass on.
-        if drain.send(done).is_ok() {
-            let _ = tokio::time::timeout(PROGRESS_WAIT, drained).await;
+        if drain.send(done).is_ok()
+            && let Ok(Ok(false)) = tokio::time::timeout(PROGRESS_WAIT, drained).await
+        {
+            return;
         }
     }
-    let _ = tx.send(Ok(PbWatchResponse {
-        header: backend.id.header(rev),
-        watch_id: -1,
-        ..PbWatchResponse::default()
-    }));
+    let _ = tx
+        .send(Ok(PbWatchResponse {
+            header: backend.id.header(rev),
+            watch_id: -1,
+            ..PbWatchResponse::default()
+        }))
+        .await;
 }
 
 /// One store batch as a watch response, or the cancel that ends the watch.
@@ -278,6 +294,11 @@ fn batch_response(
             header: backend.id.header(rev),
             watch_id: id,
             canceled: true,
+            // A watch that fell behind into compacted history: the client relists.
+            compact_revision: match &e {
+                DatastoreError::Compacted { compacted, .. } => *compacted,
+                _ => 0,
+            },
             cancel_reason: status(e).message().to_string(),
             ..PbWatchResponse::default()
         },
@@ -290,8 +311,8 @@ async fn forward(
     backend: Backend,
     id: i64,
     req: WatchRequest,
-    tx: mpsc::UnboundedSender<Result<PbWatchResponse, Status>>,
-    mut drains: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
+    mut drains: mpsc::UnboundedReceiver<Drained>,
 ) {
     let rev = backend.revision().await;
     let created = PbWatchResponse {
@@ -300,30 +321,34 @@ async fn forward(
         created: true,
         ..PbWatchResponse::default()
     };
-    if tx.send(Ok(created)).is_err() {
+    if tx.send(Ok(created)).await.is_err() {
         return;
     }
     let mut stream = match backend.store.watch(req).await {
         Ok(s) => s,
         Err(DatastoreError::Compacted { compacted, .. }) => {
-            let _ = tx.send(Ok(PbWatchResponse {
-                header: backend.id.header(rev),
-                watch_id: id,
-                canceled: true,
-                compact_revision: compacted,
-                cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
-                ..PbWatchResponse::default()
-            }));
+            let _ = tx
+                .send(Ok(PbWatchResponse {
+                    header: backend.id.header(rev),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: compacted,
+                    cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
+                    ..PbWatchResponse::default()
+                }))
+                .await;
             return;
         }
         Err(e) => {
-            let _ = tx.send(Ok(PbWatchResponse {
-                header: backend.id.header(rev),
-                watch_id: id,
-                canceled: true,
-                cancel_reason: status(e).message().to_string(),
-                ..PbWatchResponse::default()
-            }));
+            let _ = tx
+                .send(Ok(PbWatchResponse {
+                    header: backend.id.header(rev),
+                    watch_id: id,
+                    canceled: true,
+                    cancel_reason: status(e).message().to_string(),
+                    ..PbWatchResponse::default()
+                }))
+                .await;
             return;
         }
     };
@@ -333,7 +358,7 @@ async fn forward(
                 let Some(item) = item else { return };
                 let resp = batch_response(&backend, id, rev, item);
                 let end = resp.canceled;
-                if tx.send(Ok(resp)).is_err() || end {
+                if tx.send(Ok(resp)).await.is_err() || end {
                     return;
                 }
             }
@@ -341,11 +366,11 @@ async fn forward(
                 while let Some(item) = stream.try_next() {
                     let resp = batch_response(&backend, id, rev, item);
                     let end = resp.canceled;
-                    if tx.send(Ok(resp)).is_err() || end {
+                    if tx.send(Ok(resp)).await.is_err() || end {
                         return;
                     }
                 }
-                let _ = done.send(());
+                let _ = done.send(!stream.is_behind());
             }
         }
     }
@@ -389,7 +414,9 @@ impl PbLeaseService for Backend {
         req: Request<Streaming<PbLeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let mut incoming = req.into_inner();
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Bounded: a client that sends keep-alives without reading the answers stops being
+        // read itself.
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let backend = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(k)) = incoming.message().await {
@@ -398,7 +425,7 @@ impl PbLeaseService for Backend {
                     Ok(ttl) => ttl,
                     Err(DatastoreError::LeaseNotFound { .. }) => 0,
                     Err(e) => {
-                        let _ = tx.send(Err(status(e)));
+                        let _ = tx.send(Err(status(e))).await;
                         return;
                     }
                 };
@@ -409,13 +436,14 @@ impl PbLeaseService for Backend {
                         id: k.id,
                         ttl,
                     }))
+                    .await
                     .is_err()
                 {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn lease_time_to_live(

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::dialect::{Classify, LogFeed};
-use crate::error::Result;
 use crate::model::{Event, EventKind, KeyRange, Revision, WatchBatch};
+use crate::store::WatchSender;
 
 /// When an idle watch hub owes the watches that asked for progress an empty batch: once per
 /// `interval` (etcd's `--watch-progress-notify-interval`). The hub's own tick (which also
@@ -61,6 +61,9 @@ impl Dispatched {
     }
 }
 
+/// Revisions read back at a time for a watch's replay.
+const REPLAY_WINDOW: Revision = 1_000;
+
 /// A registered watch.
 pub(crate) struct Watcher {
     pub(crate) range: KeyRange,
@@ -69,7 +72,7 @@ pub(crate) struct Watcher {
     pub(crate) no_put: bool,
     pub(crate) no_delete: bool,
     pub(crate) progress: bool,
-    pub(crate) tx: mpsc::UnboundedSender<Result<WatchBatch>>,
+    pub(crate) tx: WatchSender,
 }
 
 /// Messages to a hub task.
@@ -105,7 +108,7 @@ pub(crate) fn deliver(w: &mut Watcher, events: &[(Revision, Event)], upto: Revis
         }
         if batch.as_ref().is_some_and(|b| b.revision != *rev)
             && let Some(b) = batch.take()
-            && w.tx.send(Ok(b)).is_err()
+            && !w.tx.send(Ok(b))
         {
             return false;
         }
@@ -122,7 +125,7 @@ pub(crate) fn deliver(w: &mut Watcher, events: &[(Revision, Event)], upto: Revis
             .push(e);
     }
     if let Some(b) = batch
-        && w.tx.send(Ok(b)).is_err()
+        && !w.tx.send(Ok(b))
     {
         return false;
     }
@@ -233,12 +236,10 @@ pub(crate) async fn hub<F: LogFeed>(
             // Idle: progress notifications for those who asked, once per interval.
             watchers.retain(|_, w| {
                 !w.progress
-                    || w.tx
-                        .send(Ok(WatchBatch {
-                            revision: from,
-                            events: Vec::new(),
-                        }))
-                        .is_ok()
+                    || w.tx.send(Ok(WatchBatch {
+                        revision: from,
+                        events: Vec::new(),
+                    }))
             });
         }
     }
@@ -262,10 +263,14 @@ async fn register<F: LogFeed>(
         },
     };
     *last = Some(upto);
-    if w.next <= upto {
-        match feed.events(w.next - 1, upto).await {
+    // Read in windows: a replay larger than the watch's queue stops at the first window that
+    // does not fit, and its stream reads on from there, so a far-behind watch costs one
+    // window per catch-up, not its whole lag.
+    while w.next <= upto {
+        let to = upto.min(w.next - 1 + REPLAY_WINDOW);
+        match feed.events(w.next - 1, to).await {
             Ok(events) => {
-                if !deliver(&mut w, &events, upto) {
+                if !deliver(&mut w, &events, to) {
                     return None;
                 }
             }

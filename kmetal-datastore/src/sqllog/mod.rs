@@ -36,7 +36,7 @@ use crate::model::{
     LeaseInfo, Limits, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status,
     TxnRequest, TxnResponse, WatchRequest,
 };
-use crate::store::{Datastore, WatchStream};
+use crate::store::{Datastore, Resume, WatchStream, watch_channel};
 
 /// What went wrong inside the log itself (the cause of an `Unavailable` or `Backend`).
 #[derive(Debug, thiserror::Error)]
@@ -404,8 +404,23 @@ impl<D: Dialect> Datastore for SqlLog<D> {
                 compacted,
             });
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let id = next_watch_id();
+        let hub = self.shared.hub.clone();
+        let weak = Arc::downgrade(&self.shared);
+        let again = req.clone();
+        let resume: Resume = Box::new(move |from| {
+            let (weak, mut req) = (weak.clone(), again.clone());
+            req.start_revision = from;
+            Box::pin(async move {
+                let shared = weak.upgrade()?;
+                Some(SqlLog { shared }.watch(req).await)
+            })
+        });
+        let (tx, stream) = watch_channel(
+            self.shared.cfg.limits.watch_buffer_bytes,
+            Unregister { hub, id },
+            Some(resume),
+        );
         let w = Watcher {
             range: req.range,
             next,
@@ -421,8 +436,6 @@ impl<D: Dialect> Datastore for SqlLog<D> {
             .hub
             .send(HubMsg::Add(id, w, registered))
             .map_err(|_| stopped())?;
-        let hub = self.shared.hub.clone();
-        let stream = WatchStream::new(rx, Unregister { hub, id });
         // Returned only once registered: a progress answer the caller asks for next covers
         // this watch too (see `Datastore::watch_dispatched`).
         let deadline = self.shared.cfg.request_timeout;
