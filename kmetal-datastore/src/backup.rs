@@ -60,6 +60,9 @@ pub enum BackupError {
     /// The checksum does not match: the file is corrupt.
     #[error("snapshot checksum mismatch: the file is corrupt")]
     Checksum,
+    /// A restore asked to keep revisions into a store that chooses its own (etcd).
+    #[error("the target store chooses its own revisions; restore with Revisions::Fresh")]
+    RevisionsNotKept,
     /// Restoring into a store that already holds keys would mix tenants' data.
     #[error("the target store is not empty ({keys} keys)")]
     TargetNotEmpty {
@@ -339,10 +342,35 @@ pub(crate) async fn copy_keys(
     Ok(())
 }
 
-/// Restores `file` into an empty `target`: leases (same ids, the TTL they had left) then
-/// keys. Revisions are the target's own (a logical restore); values, versions of the data
-/// and lease attachments are kept.
+/// How a restore numbers the keys it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Revisions {
+    /// The target's own revisions (a logical restore, into any driver): values, versions
+    /// and lease attachments are kept, resourceVersions are not.
+    #[default]
+    Fresh,
+    /// The snapshot's: every key keeps its create and mod revision and version, and the
+    /// target's revision moves to the snapshot's ([`Datastore::import`]), so clients that
+    /// held resourceVersions from the source see the same ones and watches go on from the
+    /// next revision. Into a store that chooses revisions itself (etcd) the restore fails
+    /// with [`BackupError::RevisionsNotKept`] and leaves the target empty.
+    Keep,
+}
+
+/// Restores `file` into an empty `target` with the target's own revisions
+/// ([`Revisions::Fresh`]); see [`restore_with`].
 pub async fn restore(target: &dyn Datastore, file: &[u8]) -> Result<SnapshotInfo, BackupError> {
+    restore_with(target, file, Revisions::Fresh).await
+}
+
+/// Restores `file` into an empty `target`: leases (same ids, the TTL they had left) then
+/// keys, numbered as `revisions` says.
+pub async fn restore_with(
+    target: &dyn Datastore,
+    file: &[u8],
+    revisions: Revisions,
+) -> Result<SnapshotInfo, BackupError> {
     let parsed = parse(file)?;
     let existing = target
         .range(RangeRequest::prefix(Bytes::new()).count_only())
@@ -358,9 +386,24 @@ pub async fn restore(target: &dyn Datastore, file: &[u8]) -> Result<SnapshotInfo
             .await
             .map_err(ds("granting leases"))?;
     }
-    copy_keys(target, &parsed.keys, |_| {})
-        .await
-        .map_err(ds("writing keys"))?;
+    match revisions {
+        Revisions::Keep => {
+            let kept = target
+                .import(&parsed.keys, parsed.revision)
+                .await
+                .map_err(ds("importing keys"))?;
+            if !kept {
+                // Leave the target as it was: empty.
+                for (id, _, _) in &parsed.leases {
+                    let _ = target.lease_revoke(*id).await;
+                }
+                return Err(BackupError::RevisionsNotKept);
+            }
+        }
+        Revisions::Fresh => copy_keys(target, &parsed.keys, |_| {})
+            .await
+            .map_err(ds("writing keys"))?,
+    }
     let sum = &file[file.len() - 32..];
     Ok(SnapshotInfo {
         revision: parsed.revision,

@@ -325,3 +325,94 @@ async fn watches_follow_a_migration_and_revisions_are_kept() {
         );
     }
 }
+
+/// A snapshot restored with `Revisions::Keep` into memory, SQLite and PostgreSQL has every
+/// key's create/mod revision and version of the source and the source's revision, so a
+/// client's resourceVersions stay valid and the next write is the next revision; etcd,
+/// which chooses its own revisions, refuses it and is left empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeping_revisions_is_invisible_to_clients() {
+    use kmetal_datastore::backup::Revisions;
+    use kmetal_datastore::model::{DeleteRangeRequest, WatchRequest};
+    use kmetal_datastore::sqlite::{SqliteConfig, SqliteStore};
+
+    let source = MemoryStore::new();
+    fill(&source, 300).await;
+    for i in (0..300).step_by(7) {
+        let key = format!("/registry/pods/ns/{i:04}");
+        source
+            .put(PutRequest::new(key.clone(), "v2"))
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            source
+                .delete_range(DeleteRangeRequest::key(key))
+                .await
+                .unwrap();
+        }
+    }
+    let mut file = Vec::new();
+    let info = backup::snapshot(&source, &mut file).await.unwrap();
+    let all = RangeRequest::prefix(bytes::Bytes::new());
+    let want = source.range(all.clone()).await.unwrap().kvs;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start(PostgresOptions {
+        fsync: false,
+        ..PostgresOptions::default()
+    })
+    .unwrap();
+    let targets: Vec<(&str, Arc<dyn Datastore>)> = vec![
+        ("memory", Arc::new(MemoryStore::new())),
+        (
+            "sqlite",
+            Arc::new(
+                SqliteStore::open(SqliteConfig::new(dir.path().join("r.db")))
+                    .await
+                    .unwrap(),
+            ),
+        ),
+        ("postgres", pg_store(&pg, "kept").await),
+    ];
+    for (name, target) in targets {
+        let restored = backup::restore_with(target.as_ref(), &file, Revisions::Keep)
+            .await
+            .unwrap();
+        assert_eq!(restored, info, "{name}");
+        let got = target.range(all.clone()).await.unwrap();
+        assert_eq!(
+            got.kvs, want,
+            "{name}: same revisions, versions, leases, values"
+        );
+        assert_eq!(got.revision, info.revision, "{name}: the source's revision");
+        let mut w = target
+            .watch(WatchRequest::prefix("/registry/", info.revision + 1))
+            .await
+            .unwrap();
+        let put = target
+            .put(PutRequest::new("/registry/after", "x"))
+            .await
+            .unwrap();
+        assert_eq!(put.revision, info.revision + 1, "{name}: numbering goes on");
+        let b = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.events[0].kv.mod_revision, info.revision + 1, "{name}");
+    }
+
+    let etcd = EtcdCluster::start(EtcdOptions::default()).await.unwrap();
+    let target = EtcdStore::connect(EtcdConfig::new(etcd.endpoints()), Keyspace::Dedicated)
+        .await
+        .unwrap();
+    assert!(matches!(
+        backup::restore_with(&target, &file, Revisions::Keep).await,
+        Err(BackupError::RevisionsNotKept)
+    ));
+    assert_eq!(target.range(all.count_only()).await.unwrap().count, 0);
+    assert!(
+        target.leases().await.unwrap().is_empty(),
+        "its leases revoked"
+    );
+}
