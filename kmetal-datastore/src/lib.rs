@@ -11,7 +11,8 @@
 //!   against.
 //! - [`etcd`] (feature `etcd`, default): [`EtcdStore`](etcd::EtcdStore) over a dedicated
 //!   cluster or a tenant's `/<schema>/` of a shared one, and
-//!   [`EtcdProvisioner`](etcd::EtcdProvisioner) (user + role with RBAC per tenant).
+//!   [`EtcdProvisioner`](etcd::EtcdProvisioner) (user + role with RBAC per tenant, and on a
+//!   shared cluster a lease tag: each tenant's lease ids are its own, `etcd/leases.rs`).
 //! - [`postgres`] (feature `postgres`, default): [`PgStore`](postgres::PgStore), a kine-style
 //!   revision log on PostgreSQL with batched writes, LISTEN/NOTIFY watches and real leases.
 //! - [`sqlite`] (feature `sqlite`, default): [`SqliteStore`](sqlite::SqliteStore), the same

@@ -208,14 +208,16 @@ async fn tenants_are_isolated_by_rbac() {
         .await
         .unwrap();
     assert_eq!(b.kvs[0].value, "aa");
-    // A lease's key list shows only the caller's keys.
+    // Another tenant's lease does not exist for A (`shared_tenants_own_their_leases`).
     let lease = store_aa.lease_grant(60, 0).await.unwrap();
     store_aa
         .put(PutRequest::new("/leased", "x").with_lease(lease.id))
         .await
         .unwrap();
-    let seen_by_a = store_a.lease_time_to_live(lease.id, true).await.unwrap();
-    assert!(seen_by_a.keys.is_empty());
+    assert!(matches!(
+        store_a.lease_time_to_live(lease.id, true).await,
+        Err(DatastoreError::LeaseNotFound { .. })
+    ));
 }
 
 /// A tenant whose slice is deprovisioned while its store is open gets typed permission errors
@@ -566,4 +568,114 @@ async fn requests_go_on_while_other_tenants_are_provisioned() {
         seen += batch.events.len();
     }
     assert_eq!(seen, written);
+}
+
+/// Two tenants on one real etcd with auth (3.4 and 3.6): each lists only its own leases;
+/// another tenant's lease id, which etcd itself would let it keep alive, attach keys to and
+/// so block its owner's revoke, is a lease that does not exist through the driver; granting
+/// one is refused; the owner's revoke still deletes its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_tenants_own_their_leases() {
+    for release in [
+        kmetal_testkit::EtcdRelease::default(),
+        kmetal_testkit::EtcdRelease::V36,
+    ] {
+        let cluster = EtcdCluster::start(EtcdOptions {
+            release,
+            ..EtcdOptions::default()
+        })
+        .await
+        .unwrap();
+        let p = shared_provisioner(&cluster).await;
+        let a = p
+            .provision(&TenantSlice::with_password("la", "user-la", "pw-a"))
+            .await
+            .unwrap();
+        let b = p
+            .provision(&TenantSlice::with_password("lb", "user-lb", "pw-b"))
+            .await
+            .unwrap();
+        let (store_a, store_b) = (tenant(&a, None).await, tenant(&b, None).await);
+        let la = store_a.lease_grant(60, 0).await.unwrap().id;
+        let lb = store_b.lease_grant(60, 0).await.unwrap().id;
+        assert_ne!(
+            la >> 32,
+            lb >> 32,
+            "{release:?}: each tenant's ids carry its own tag"
+        );
+        store_a
+            .put(PutRequest::new("/registry/leased", "a").with_lease(la))
+            .await
+            .unwrap();
+
+        // etcd's own gap, on its raw API: B attaches a key of its own to a lease of A's,
+        // and A can no longer revoke that lease.
+        let la2 = store_a.lease_grant(60, 0).await.unwrap().id;
+        let mut raw = Client::connect(
+            cluster.endpoints(),
+            Some(ConnectOptions::new().with_user("user-lb", "pw-b")),
+        )
+        .await
+        .unwrap();
+        let attach = etcd_client::PutOptions::new().with_lease(la2);
+        raw.put("/lb/hijack", "b", Some(attach)).await.unwrap();
+        assert!(
+            matches!(
+                store_a.lease_revoke(la2).await,
+                Err(DatastoreError::PermissionDenied { .. })
+            ),
+            "{release:?}: etcd blocks the owner's revoke"
+        );
+        raw.delete("/lb/hijack", None).await.unwrap();
+        store_a.lease_revoke(la2).await.unwrap();
+
+        // Listing leases is root's on etcd with auth; where it is allowed, a tenant sees
+        // only its own.
+        for (store, own) in [(&store_a, la), (&store_b, lb)] {
+            match store.leases().await {
+                Ok(ids) => assert_eq!(ids, vec![own], "{release:?}"),
+                Err(DatastoreError::PermissionDenied { .. }) => {
+                    eprintln!("{release:?}: etcd refuses a tenant the lease list");
+                }
+                Err(e) => panic!("{release:?}: {e}"),
+            }
+        }
+        let not_found = |r: Result<(), DatastoreError>, what: &str| {
+            assert!(
+                matches!(r, Err(DatastoreError::LeaseNotFound { id }) if id == la),
+                "{release:?}: {what} of a foreign lease: {r:?}"
+            );
+        };
+        not_found(store_b.lease_keep_alive(la).await.map(drop), "keep-alive");
+        not_found(
+            store_b.lease_time_to_live(la, true).await.map(drop),
+            "time-to-live",
+        );
+        not_found(store_b.lease_revoke(la).await.map(drop), "revoke");
+        not_found(
+            store_b
+                .put(PutRequest::new("/registry/hijack", "b").with_lease(la))
+                .await
+                .map(drop),
+            "a put attached",
+        );
+        assert!(
+            matches!(
+                store_b.lease_grant(60, la + 1).await,
+                Err(DatastoreError::PermissionDenied { .. })
+            ),
+            "{release:?}: granting an id of another tenant's"
+        );
+        // Nothing of B's hangs on A's lease, so A's revoke deletes A's key.
+        store_a.lease_revoke(la).await.unwrap();
+        let left = store_a
+            .range(RangeRequest::get("/registry/leased"))
+            .await
+            .unwrap();
+        assert!(
+            left.kvs.is_empty(),
+            "{release:?}: the owner's revoke went through"
+        );
+        assert!(store_b.lease_keep_alive(lb).await.is_ok(), "{release:?}");
+    }
 }

@@ -6,7 +6,8 @@
 //! RBAC (a role with READWRITE on exactly that range) makes the confinement hold even against
 //! a client that bypasses this driver. A tenant sees its own revision and compacts only its
 //! own view (`tenant.rs`; the requests that carry it, `shared.rs`): etcd's revision and
-//! compaction are the cluster's.
+//! compaction are the cluster's. Leases are the cluster's too; a tenant's lease ids carry a
+//! tag of its own and other tenants' ids do not exist for it (`leases.rs`).
 //!
 //! Writes are never retried: after a timeout or a lost connection the outcome of a write is
 //! unknown, and only the caller knows whether repeating it is safe. Watches are different:
@@ -16,6 +17,7 @@
 mod config;
 mod dispatch;
 mod errors;
+mod leases;
 mod provision;
 mod shared;
 mod tenant;
@@ -94,6 +96,8 @@ pub struct EtcdStore {
     renewed: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
     /// What each live watch has handed on (the gateway's progress answers wait on it).
     watches: Arc<dispatch::Registry>,
+    /// The tenant's own lease ids, in shared mode (`leases.rs`).
+    wall: Option<leases::LeaseWall>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -126,7 +130,9 @@ impl EtcdStore {
             tenant,
             renewed: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
             watches: Arc::default(),
+            wall: None,
         };
+        let mut store = store;
         store
             .range(RangeRequest::get(Bytes::from_static(b"\0")).count_only())
             .await?;
@@ -139,6 +145,16 @@ impl EtcdStore {
                     || t.load(&store.client),
                 )
                 .await?;
+            let prefix = store.keyspace.prefix();
+            let tag = store
+                .run(
+                    "read the tenant's lease tag",
+                    Ctx::default(),
+                    Retry::Reads,
+                    || leases::load(&store.client, &prefix),
+                )
+                .await?;
+            store.wall = tag.map(leases::LeaseWall::new);
         }
         Ok(store)
     }
@@ -507,6 +523,110 @@ impl EtcdStore {
         })
     }
 
+    /// Refuses, as etcd refuses a lease that does not exist, a lease id of another tenant.
+    fn check_lease(&self, id: LeaseId) -> Result<()> {
+        self.wall.map_or(Ok(()), |w| w.check(id))
+    }
+
+    async fn grant(&self, ttl: i64, id: LeaseId) -> Result<LeaseGrant> {
+        let ctx = Ctx {
+            lease: id,
+            ttl,
+            ..Ctx::default()
+        };
+        let r = self
+            .run("lease grant", ctx, Retry::NotSent, || {
+                let mut l = self.client.lease_client();
+                let opts = LeaseGrantOptions::new().with_id(id);
+                async move { l.grant(ttl, Some(opts)).await }
+            })
+            .await?;
+        Ok(LeaseGrant {
+            id: r.id(),
+            ttl: r.ttl(),
+        })
+    }
+
+    async fn revoke(&self, id: LeaseId) -> Result<Revision> {
+        let ctx = Ctx {
+            lease: id,
+            ..Ctx::default()
+        };
+        // etcd deletes a revoked lease's keys at a revision of its own: the tenant's marker
+        // follows it when some of them were this tenant's.
+        let touches = match &self.tenant {
+            Some(_) => !self.lease_time_to_live(id, true).await?.keys.is_empty(),
+            None => false,
+        };
+        let r = self
+            .run("lease revoke", ctx, Retry::NotSent, || {
+                let mut l = self.client.lease_client();
+                async move { l.revoke(id).await }
+            })
+            .await?;
+        match &self.tenant {
+            Some(t) if touches => self.shared_touch(t).await,
+            Some(_) => self.own_revision().await,
+            None => Ok(r.0.header.map_or(0, |h| h.revision)),
+        }
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> Result<i64> {
+        let ctx = Ctx {
+            lease: id,
+            ..Ctx::default()
+        };
+        // Renewing twice is harmless, so a keep-alive retries like a read.
+        let ttl = self
+            .run("lease keep-alive", ctx, Retry::Reads, || {
+                let mut l = self.client.lease_client();
+                async move {
+                    let (mut keeper, mut stream) = l.keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    Ok(stream.message().await?.map(|m| m.ttl()))
+                }
+            })
+            .await?;
+        match ttl {
+            Some(ttl) if ttl > 0 => Ok(ttl),
+            // etcd answers a keep-alive of an unknown lease with TTL 0.
+            Some(_) => Err(DatastoreError::LeaseNotFound { id }),
+            None => Err(DatastoreError::unavailable(
+                "the lease keep-alive stream closed without an answer",
+            )),
+        }
+    }
+
+    async fn time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
+        let ctx = Ctx {
+            lease: id,
+            ..Ctx::default()
+        };
+        let r = self
+            .run("lease time-to-live", ctx, Retry::Reads, || {
+                let mut l = self.client.lease_client();
+                let opts = keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
+                async move { l.time_to_live(id, opts).await }
+            })
+            .await?;
+        if r.ttl() < 0 {
+            return Err(DatastoreError::LeaseNotFound { id });
+        }
+        let prefix = self.prefixer.prefix().clone();
+        Ok(LeaseInfo {
+            id,
+            ttl: r.ttl(),
+            granted_ttl: r.granted_ttl(),
+            // A lease may carry other tenants' keys; only ours are shown.
+            keys: r
+                .keys()
+                .iter()
+                .filter(|k| k.starts_with(&prefix))
+                .map(|k| self.prefixer.strip(k.clone()))
+                .collect(),
+        })
+    }
+
     fn check_lease_ttl(&self, ttl: i64) -> Result<()> {
         let max = self.config.limits.max_lease_ttl;
         if (1..=max).contains(&ttl) {
@@ -585,6 +705,7 @@ impl Datastore for EtcdStore {
 
     async fn put(&self, req: PutRequest) -> Result<PutResponse> {
         self.config.limits.check_put(&req)?;
+        self.check_lease(req.lease)?;
         let ctx = Ctx {
             lease: req.lease,
             size: req.key.len() + req.value.len(),
@@ -633,6 +754,11 @@ impl Datastore for EtcdStore {
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         self.config.limits.check_txn(&req)?;
+        for op in req.success.iter().chain(&req.failure) {
+            if let RequestOp::Put(p) = op {
+                self.check_lease(p.lease)?;
+            }
+        }
         let ctx = Ctx {
             size: req.success.len().max(req.failure.len()),
             lease: first_lease(&req),
@@ -716,104 +842,34 @@ impl Datastore for EtcdStore {
         }
     }
 
-    async fn lease_grant(&self, ttl: i64, id: LeaseId) -> Result<LeaseGrant> {
+    async fn lease_grant(&self, ttl: i64, asked: LeaseId) -> Result<LeaseGrant> {
         self.check_lease_ttl(ttl)?;
-        let ctx = Ctx {
-            lease: id,
-            ttl,
-            ..Ctx::default()
+        let Some(wall) = &self.wall else {
+            return self.grant(ttl, asked).await;
         };
-        let r = self
-            .run("lease grant", ctx, Retry::NotSent, || {
-                let mut l = self.client.lease_client();
-                let opts = LeaseGrantOptions::new().with_id(id);
-                async move { l.grant(ttl, Some(opts)).await }
-            })
-            .await?;
-        Ok(LeaseGrant {
-            id: r.id(),
-            ttl: r.ttl(),
-        })
+        // A random id of ours may already be taken (by us): a few draws find a free one.
+        for _ in 0..4 {
+            match self.grant(ttl, wall.grant_id(asked)?).await {
+                Err(DatastoreError::LeaseExists { .. }) if asked == 0 => continue,
+                other => return other,
+            }
+        }
+        self.grant(ttl, wall.grant_id(asked)?).await
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<Revision> {
-        let ctx = Ctx {
-            lease: id,
-            ..Ctx::default()
-        };
-        // etcd deletes a revoked lease's keys at a revision of its own: the tenant's marker
-        // follows it when some of them were this tenant's.
-        let touches = match &self.tenant {
-            Some(_) => !self.lease_time_to_live(id, true).await?.keys.is_empty(),
-            None => false,
-        };
-        let r = self
-            .run("lease revoke", ctx, Retry::NotSent, || {
-                let mut l = self.client.lease_client();
-                async move { l.revoke(id).await }
-            })
-            .await?;
-        match &self.tenant {
-            Some(t) if touches => self.shared_touch(t).await,
-            Some(_) => self.own_revision().await,
-            None => Ok(r.0.header.map_or(0, |h| h.revision)),
-        }
+        self.check_lease(id)?;
+        self.revoke(id).await
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
-        let ctx = Ctx {
-            lease: id,
-            ..Ctx::default()
-        };
-        // Renewing twice is harmless, so a keep-alive retries like a read.
-        let ttl = self
-            .run("lease keep-alive", ctx, Retry::Reads, || {
-                let mut l = self.client.lease_client();
-                async move {
-                    let (mut keeper, mut stream) = l.keep_alive(id).await?;
-                    keeper.keep_alive().await?;
-                    Ok(stream.message().await?.map(|m| m.ttl()))
-                }
-            })
-            .await?;
-        match ttl {
-            Some(ttl) if ttl > 0 => Ok(ttl),
-            // etcd answers a keep-alive of an unknown lease with TTL 0.
-            Some(_) => Err(DatastoreError::LeaseNotFound { id }),
-            None => Err(DatastoreError::unavailable(
-                "the lease keep-alive stream closed without an answer",
-            )),
-        }
+        self.check_lease(id)?;
+        self.keep_alive(id).await
     }
 
     async fn lease_time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
-        let ctx = Ctx {
-            lease: id,
-            ..Ctx::default()
-        };
-        let r = self
-            .run("lease time-to-live", ctx, Retry::Reads, || {
-                let mut l = self.client.lease_client();
-                let opts = keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
-                async move { l.time_to_live(id, opts).await }
-            })
-            .await?;
-        if r.ttl() < 0 {
-            return Err(DatastoreError::LeaseNotFound { id });
-        }
-        let prefix = self.prefixer.prefix().clone();
-        Ok(LeaseInfo {
-            id,
-            ttl: r.ttl(),
-            granted_ttl: r.granted_ttl(),
-            // A lease may carry other tenants' keys; only ours are shown.
-            keys: r
-                .keys()
-                .iter()
-                .filter(|k| k.starts_with(&prefix))
-                .map(|k| self.prefixer.strip(k.clone()))
-                .collect(),
-        })
+        self.check_lease(id)?;
+        self.time_to_live(id, keys).await
     }
 
     async fn leases(&self) -> Result<Vec<LeaseId>> {
@@ -823,7 +879,11 @@ impl Datastore for EtcdStore {
                 async move { l.leases().await }
             })
             .await?;
-        Ok(r.leases().iter().map(|s| s.id()).collect())
+        let ids = r.leases().iter().map(|s| s.id());
+        Ok(match &self.wall {
+            Some(w) => ids.filter(|id| w.owns(*id)).collect(),
+            None => ids.collect(),
+        })
     }
 
     async fn watch_dispatched(&self) -> Option<Revision> {

@@ -1,4 +1,5 @@
-//! [`EtcdProvisioner`]: a user and a role per tenant, READWRITE on exactly the tenant's range.
+//! [`EtcdProvisioner`]: a user and a role per tenant, READWRITE on exactly the tenant's range
+//! (and, on a shared cluster, READ on its lease tag: `leases.rs`).
 
 use async_trait::async_trait;
 use etcd_client::{Client, Permission, UserAddOptions};
@@ -121,6 +122,7 @@ mod step {
     pub const DELETE_ROLE: &str = "delete role";
     pub const READ_COMPACTIONS: &str = "read the tenants' compactions";
     pub const COMPACT: &str = "compact the cluster";
+    pub const LEASE_TAG: &str = "allocate the tenant's lease tag";
 }
 
 impl EtcdProvisioner {
@@ -321,6 +323,30 @@ impl Provisioner for EtcdProvisioner {
             c.role_grant_permission(role.clone(), perm),
         )
         .await?;
+        if !self.dedicated {
+            // The tenant's own lease ids (`leases.rs`): its tag, readable by it alone.
+            let prefix = keyspace.prefix();
+            let tag = self
+                .deadline(
+                    step::LEASE_TAG,
+                    super::leases::allocate(&self.admin, &prefix),
+                )
+                .await?;
+            if let Err(e) = tag {
+                return Err(ProvisionError::Step {
+                    step: step::LEASE_TAG,
+                    source: admin_error(e),
+                });
+            }
+            let mut c = self.admin.clone();
+            let read = Permission::read(super::leases::tag_key(&prefix));
+            self.admin(
+                step::GRANT,
+                None,
+                c.role_grant_permission(role.clone(), read),
+            )
+            .await?;
+        }
         let (password, options) = match &slice.auth {
             SliceAuth::Password(p) => (Some(p.clone()), None),
             // A certificate user has no password anyone could guess.
@@ -375,6 +401,13 @@ impl Provisioner for EtcdProvisioner {
             c.delete(range.key.to_vec(), Some(opts)),
         )
         .await?;
+        if !self.dedicated {
+            // The tag is never handed out again (the counter only grows).
+            let mut c = self.admin.clone();
+            let key = super::leases::tag_key(&self.keyspace(slice)?.prefix());
+            self.admin(step::DELETE_KEYS, None, c.delete(key, None))
+                .await?;
+        }
         let mut c = self.admin.clone();
         self.admin(
             step::DELETE_USER,
