@@ -110,27 +110,34 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ProcessError + '_ {
     }
 }
 
+/// A temp dir for one server, owned by the user it runs as (`postgres` when we are root:
+/// the server refuses to run as root).
+fn server_dir() -> Result<(TempDir, Launch), ProcessError> {
+    let dir = tempfile::Builder::new()
+        .prefix("kmetal-pg-")
+        .tempdir()
+        .map_err(io(Path::new("/tmp")))?;
+    let launch = if running_as_root() {
+        let (uid, gid) = user_ids("postgres").ok_or(ProcessError::MissingBinary {
+            binary: "postgres user",
+            package: PACKAGE,
+        })?;
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(io(dir.path()))?;
+        Launch {
+            user: Some("postgres".into()),
+            ..Launch::default()
+        }
+    } else {
+        Launch::default()
+    };
+    Ok((dir, launch))
+}
+
 impl PostgresServer {
     /// Runs `initdb`, starts the server and waits until it accepts connections.
     pub fn start(options: PostgresOptions) -> Result<Self, ProcessError> {
         let bindir = bindir()?;
-        let dir = tempfile::Builder::new()
-            .prefix("kmetal-pg-")
-            .tempdir()
-            .map_err(io(Path::new("/tmp")))?;
-        let launch = if running_as_root() {
-            let (uid, gid) = user_ids("postgres").ok_or(ProcessError::MissingBinary {
-                binary: "postgres user",
-                package: PACKAGE,
-            })?;
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(io(dir.path()))?;
-            Launch {
-                user: Some("postgres".into()),
-                ..Launch::default()
-            }
-        } else {
-            Launch::default()
-        };
+        let (dir, launch) = server_dir()?;
         let data = dir.path().join("data");
         let socket_dir = dir.path().join("sock");
         let log = dir.path().join("postgres.log");
@@ -353,6 +360,114 @@ impl PostgresServer {
     pub fn resume(&mut self) -> Result<(), ProcessError> {
         if self.process.is_none() {
             self.spawn()?;
+        }
+        Ok(())
+    }
+
+    /// A streaming standby of this server (`pg_basebackup -R`) on its own port, made
+    /// synchronous once it streams: from then on a commit here returns only after the
+    /// standby has flushed it (`synchronous_standby_names = '*'`), as in a CloudNativePG
+    /// cluster with synchronous replicas. Not for TLS servers.
+    pub async fn start_standby(&self) -> Result<PostgresServer, ProcessError> {
+        let (dir, launch) = server_dir()?;
+        let data = dir.path().join("data");
+        let socket_dir = dir.path().join("sock");
+        std::fs::create_dir(&socket_dir).map_err(io(&socket_dir))?;
+        if let Some(user) = &launch.user
+            && let Some((uid, gid)) = user_ids(user)
+        {
+            std::os::unix::fs::chown(&socket_dir, Some(uid), Some(gid)).map_err(io(&socket_dir))?;
+        }
+        let mut base = process::command(&self.bindir.join("pg_basebackup"), &launch);
+        base.args([
+            "-D",
+            &data.display().to_string(),
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+            // An immediate checkpoint: a spread one takes minutes.
+            "--checkpoint=fast",
+            "-d",
+            &format!(
+                "host=127.0.0.1 port={} user=postgres password={} application_name=standby",
+                self.port, self.password
+            ),
+        ]);
+        process::run(base)?;
+        let mut standby = Self {
+            tls_args: Vec::new(),
+            ca_pem: None,
+            bindir: self.bindir.clone(),
+            log: dir.path().join("postgres.log"),
+            data,
+            socket_dir,
+            port: free_port().map_err(io(Path::new("127.0.0.1")))?,
+            password: self.password.clone(),
+            options: self.options.clone(),
+            launch,
+            process: None,
+            _dir: dir,
+        };
+        standby.spawn()?;
+        let admin = |e: tokio_postgres::Error| ProcessError::NotReady {
+            what: format!(
+                "synchronous replication to the standby on port {}: {e}",
+                standby.port
+            ),
+            log_tail: process::log_tail(&self.log, 20),
+        };
+        let (client, conn) =
+            tokio_postgres::connect(&self.conninfo("postgres"), tokio_postgres::NoTls)
+                .await
+                .map_err(admin)?;
+        let driver = tokio::spawn(conn);
+        // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "SELECT pg_reload_conf()",
+        ] {
+            client.batch_execute(sql).await.map_err(admin)?;
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let rows = client
+                .query(
+                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .await
+                .map_err(admin)?;
+            if !rows.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(ProcessError::NotReady {
+                    what: format!(
+                        "the standby on port {} never became synchronous",
+                        standby.port
+                    ),
+                    log_tail: process::log_tail(&standby.log, 20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(client);
+        let _ = driver.await;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting until it accepts writes).
+    pub fn promote(&mut self) -> Result<(), ProcessError> {
+        let mut cmd = process::command(&self.bindir.join("pg_ctl"), &self.launch);
+        cmd.args(["promote", "-D", &self.data.display().to_string(), "-w"]);
+        process::run(cmd)
+    }
+
+    /// Kills the server as a crash would (immediate shutdown) and leaves it down.
+    pub fn crash(&mut self) -> Result<(), ProcessError> {
+        if self.process.is_some() {
+            self.pg_ctl_stop("immediate")?;
         }
         Ok(())
     }
