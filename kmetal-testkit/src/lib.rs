@@ -10,7 +10,8 @@
 //!   client-certificate auth, optional RBAC with a root user, optional fault proxies on the
 //!   peer links; kill, restart, find the leader.
 //! - [`postgres`]: [`PostgresServer`]: PostgreSQL 15 via `initdb`, run as the `postgres` user
-//!   when we are root; restart; stop on drop.
+//!   when we are root; restart, crash, a synchronous streaming standby and its promotion;
+//!   stop on drop.
 //! - [`kube`]: [`KubeApiserver`] and [`KubeController`] (kube-controller-manager,
 //!   kube-scheduler): the real control plane from `scripts/peers.sh`, serving a kmetal-pki
 //!   tenant bundle on loopback, pointed at any etcd endpoint; kubectl as the tenant's admin.
@@ -29,13 +30,19 @@
 //! - [`tls`]: a throwaway CA issuing server and client certificates for tests.
 //! - [`ports`]: free loopback ports.
 //! - [`conformance`]: the datastore conformance suite, run against every driver.
+//! - [`linearizability`]: a checker for histories of register operations (put, get, CAS)
+//!   with unknown outcomes, porcupine's model in etcd's robustness tests.
+//! - [`history`]: the recorded workload it checks (clients, faults, a resumed watch) through
+//!   any etcd endpoint, and a restartable `etcd_gateway` process.
 
 pub mod conformance;
 pub mod etcd;
+pub mod history;
 pub mod k8s_storage;
 pub mod kine;
 pub mod konnectivity;
 pub mod kube;
+pub mod linearizability;
 pub mod manifests;
 pub mod netns;
 pub mod ports;
