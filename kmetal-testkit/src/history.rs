@@ -73,8 +73,17 @@ pub struct Report {
     pub keys: usize,
     /// Revisions the watch saw.
     pub watched: usize,
+    /// How long the workload ran (from the first operation to the stop).
+    pub ran: Duration,
     /// How long the check took.
     pub checked_in: Duration,
+}
+
+impl Report {
+    /// Operations with a known outcome per second of the workload.
+    pub fn rate(&self) -> f64 {
+        (self.ops - self.unknown) as f64 / self.ran.as_secs_f64().max(1e-9)
+    }
 }
 
 /// Why a run failed its checks.
@@ -396,6 +405,7 @@ pub async fn run(
     }
     tokio::time::sleep(workload.tail).await;
     run.stop.store(true, Ordering::Relaxed);
+    let ran = run.start.elapsed();
     for c in clients {
         let _ = c.await;
     }
@@ -439,6 +449,7 @@ pub async fn run(
         acked: acked.len(),
         keys,
         watched: revisions.len(),
+        ran,
         checked_in: began.elapsed(),
     })
 }

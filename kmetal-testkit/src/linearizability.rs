@@ -134,51 +134,84 @@ fn step(state: &Value, op: &OpKind) -> Option<Value> {
 }
 
 fn linearizable(ops: &[&Op]) -> bool {
+    use std::collections::BTreeMap;
     let n = ops.len();
     let words = n.div_ceil(64);
     let mut done = vec![0u64; words];
     let mut seen: HashSet<(Vec<u64>, Value)> = HashSet::new();
-    // Depth-first, with an explicit stack of (op linearized, state before it, next candidate).
+    // The returns of the operations not linearized yet (a multiset), for the horizon.
+    let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut returned = 0usize;
+    for o in ops {
+        if let Some(r) = o.ret {
+            *pending.entry(r).or_default() += 1;
+            returned += 1;
+        }
+    }
+    let take = |pending: &mut BTreeMap<u64, usize>, r: Option<u64>| {
+        if let Some(r) = r
+            && let Some(c) = pending.get_mut(&r)
+        {
+            *c -= 1;
+            if *c == 0 {
+                pending.remove(&r);
+            }
+        }
+    };
+    let put_back = |pending: &mut BTreeMap<u64, usize>, r: Option<u64>| {
+        if let Some(r) = r {
+            *pending.entry(r).or_default() += 1;
+        }
+    };
+    // Depth-first, with an explicit stack of (op linearized, state before it).
     let mut stack: Vec<(usize, Value)> = Vec::new();
     let mut state: Value = None;
     let mut from = 0usize;
+    let mut linearized_returned = 0usize;
     let is_done = |d: &[u64], i: usize| d[i / 64] & (1 << (i % 64)) != 0;
     loop {
         // Finished when every operation that returned is linearized (the rest never happened).
-        if (0..n).all(|i| is_done(&done, i) || ops[i].ret.is_none()) {
+        if linearized_returned == returned {
             return true;
         }
-        // A candidate must be invoked before the earliest return of any pending operation.
-        let horizon = (0..n)
-            .filter(|&i| !is_done(&done, i))
-            .filter_map(|i| ops[i].ret)
-            .min()
-            .unwrap_or(u64::MAX);
-        let mut advanced = false;
+        // A candidate must be invoked before the earliest return of any pending operation;
+        // operations are sorted by invocation, so the first one past it ends the search.
+        let horizon = pending.keys().next().copied().unwrap_or(u64::MAX);
+        let mut chosen = None;
         for i in from..n {
-            if is_done(&done, i) || ops[i].call > horizon {
+            if ops[i].call > horizon {
+                break;
+            }
+            if is_done(&done, i) {
                 continue;
             }
             if let Some(next) = step(&state, &ops[i].kind) {
                 done[i / 64] |= 1 << (i % 64);
                 if seen.insert((done.clone(), next.clone())) {
-                    stack.push((i, std::mem::replace(&mut state, next)));
-                    advanced = true;
+                    chosen = Some((i, next));
                     break;
                 }
                 done[i / 64] &= !(1 << (i % 64));
             }
         }
-        if advanced {
-            from = 0;
-        } else {
-            // Undo the last choice and try the candidates after it.
-            let Some((i, before)) = stack.pop() else {
-                return false;
-            };
-            done[i / 64] &= !(1 << (i % 64));
-            state = before;
-            from = i + 1;
+        match chosen {
+            Some((i, next)) => {
+                take(&mut pending, ops[i].ret);
+                linearized_returned += usize::from(ops[i].ret.is_some());
+                stack.push((i, std::mem::replace(&mut state, next)));
+                from = 0;
+            }
+            None => {
+                // Undo the last choice and try the candidates after it.
+                let Some((i, before)) = stack.pop() else {
+                    return false;
+                };
+                done[i / 64] &= !(1 << (i % 64));
+                put_back(&mut pending, ops[i].ret);
+                linearized_returned -= usize::from(ops[i].ret.is_some());
+                state = before;
+                from = i + 1;
+            }
         }
     }
 }

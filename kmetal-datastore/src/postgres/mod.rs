@@ -35,7 +35,8 @@ use tokio_postgres::{NoTls, Row, Statement};
 use crate::error::{DatastoreError, Result};
 use crate::model::{Event, KeyRange, KeyValue, LeaseId, PutRequest, RangeRequest, Revision};
 use crate::sqllog::dialect::{
-    Classify, Dialect, ErrorClass, LeaseRow, LogFeed, LogRead, LogWriter, RangeOutcome, fault,
+    Classify, Dialect, ErrorClass, LeaseRow, LogFeed, LogRead, LogWriter, NextExpiry, RangeOutcome,
+    fault,
 };
 use crate::sqllog::read::{Counts, LogRow, bounds, event, range_in};
 use crate::sqllog::write::Meta;
@@ -52,6 +53,13 @@ pub struct PgConfig {
     pub tls: Option<PgTls>,
     /// What every SQL store shares.
     pub log: LogOptions,
+    /// Connections unused this long are closed, the writer's included (it gives its own back
+    /// whenever it has nothing queued); `None` keeps them open.
+    pub idle_timeout: Option<Duration>,
+    /// Whether other processes may write this database: a `LISTEN` connection then tells the
+    /// watch hub about their writes (and its tick reads the revision). Off, the store is the
+    /// database's only writer and holds no connection while idle.
+    pub listen: bool,
 }
 
 impl PgConfig {
@@ -63,7 +71,21 @@ impl PgConfig {
             pool_size,
             tls: None,
             log,
+            idle_timeout: None,
+            listen: true,
         }
+    }
+
+    /// The same for a store that is its database's only writer (the operator's per-tenant
+    /// endpoint) on a server shared by more tenants than it has connection slots: no
+    /// `LISTEN` connection, and every connection closed after `idle` unused, so an idle tenant
+    /// holds none. A server that is full answers with a retryable `Unavailable`.
+    /// Expired leases are then looked for every `2 × idle` (each look takes a connection).
+    pub fn with_lazy_connections(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self.listen = false;
+        self.log.lease_sweep = self.log.lease_sweep.max(idle * 2);
+        self
     }
 
     /// The same with another watch progress notification interval.
@@ -86,6 +108,9 @@ pub enum PgError {
     /// The connection string does not parse.
     #[error("invalid connection string")]
     Config(#[source] tokio_postgres::Error),
+    /// The writer had given its connection back (a bug: every transaction takes one first).
+    #[error("the writer holds no connection")]
+    Released,
     /// The pool could not be built.
     #[error("cannot build the connection pool")]
     Build(#[from] deadpool_postgres::BuildError),
@@ -118,7 +143,9 @@ impl Classify for PgError {
     fn class(&self) -> ErrorClass {
         match self {
             Self::Query(e) | Self::Pool(PoolError::Backend(e)) => class_of(e),
-            Self::Pool(PoolError::Timeout(_) | PoolError::Closed) => ErrorClass::Unavailable,
+            Self::Pool(PoolError::Timeout(_) | PoolError::Closed) | Self::Released => {
+                ErrorClass::Unavailable
+            }
             Self::Pool(_) | Self::Config(_) | Self::Build(_) | Self::Tls(_) => ErrorClass::Backend,
         }
     }
@@ -257,7 +284,10 @@ fn event_from(row: &Row) -> (Revision, Event) {
 /// snapshot's.
 struct Conn {
     pool: Pool,
-    c: Object,
+    /// `None` once the writer gave it back while idle (`idle_timeout`).
+    c: Option<Object>,
+    /// The writer's: give the connection back whenever nothing is queued.
+    release_idle: bool,
     /// The meta row a read snapshot began with (saves reading it twice).
     began: Option<(Revision, Revision)>,
     /// The writer's: when to refresh the planner's statistics.
@@ -269,40 +299,50 @@ struct Conn {
 
 impl Conn {
     async fn get(pool: &Pool) -> Pg<Self> {
-        let (pool, c) = (pool.clone(), pool.get().await?);
+        let (pool, c) = (pool.clone(), Some(pool.get().await?));
         Ok(Self {
             pool,
             c,
+            release_idle: false,
             began: None,
             analyzer: None,
             writer_id: String::new(),
         })
     }
 
+    fn c(&self) -> Pg<&Object> {
+        self.c.as_ref().ok_or(PgError::Released)
+    }
+
     async fn one(&self, sql: &str, params: Params<'_>) -> Pg<Row> {
-        let stmt = self.c.prepare_cached(sql).await?;
-        Ok(self.c.query_one(&stmt, params).await?)
+        let c = self.c()?;
+        let stmt = c.prepare_cached(sql).await?;
+        Ok(c.query_one(&stmt, params).await?)
     }
 
     async fn opt(&self, sql: &str, params: Params<'_>) -> Pg<Option<Row>> {
-        let stmt = self.c.prepare_cached(sql).await?;
-        Ok(self.c.query_opt(&stmt, params).await?)
+        let c = self.c()?;
+        let stmt = c.prepare_cached(sql).await?;
+        Ok(c.query_opt(&stmt, params).await?)
     }
 
     async fn exec(&self, sql: &str, params: Params<'_>) -> Pg<u64> {
-        let stmt = self.c.prepare_cached(sql).await?;
-        Ok(self.c.execute(&stmt, params).await?)
+        let c = self.c()?;
+        let stmt = c.prepare_cached(sql).await?;
+        Ok(c.execute(&stmt, params).await?)
     }
 
     async fn all(&self, sql: &str, params: Params<'_>) -> Pg<Vec<Row>> {
-        let stmt = self.c.prepare_cached(sql).await?;
-        Ok(self.c.query(&stmt, params).await?)
+        let c = self.c()?;
+        let stmt = c.prepare_cached(sql).await?;
+        Ok(c.query(&stmt, params).await?)
     }
 
     /// Starts a transaction with `begin` and reads the meta row, in one round trip.
     async fn open(&self, begin: &str, meta: &str) -> Pg<Meta> {
-        let stmt = self.c.prepare_cached(meta).await?;
-        let (began, row) = tokio::join!(self.c.batch_execute(begin), self.c.query_one(&stmt, &[]));
+        let c = self.c()?;
+        let stmt = c.prepare_cached(meta).await?;
+        let (began, row) = tokio::join!(c.batch_execute(begin), c.query_one(&stmt, &[]));
         began?;
         let row = row?;
         Ok(Meta {
@@ -358,8 +398,8 @@ impl LogRead for Conn {
 #[async_trait]
 impl LogWriter for Conn {
     async fn begin(&mut self) -> Pg<Meta> {
-        if self.c.is_closed() {
-            self.c = self.pool.get().await?;
+        if self.c.as_ref().is_none_or(|c| c.is_closed()) {
+            self.c = Some(self.pool.get().await?);
         }
         self.open("BEGIN", &format!("{META} FOR UPDATE")).await
     }
@@ -368,14 +408,14 @@ impl LogWriter for Conn {
         // One round trip: move the meta row, notify other processes if anything was written
         // (delivered at commit), and commit.
         let stmt = self
-            .c
+            .c()?
             .prepare_cached(
                 "WITH u AS (UPDATE kmetal_meta SET revision = $1, compact_revision = $2,
                     next_lease = $3 WHERE id = 1 RETURNING revision)
                  SELECT pg_notify($4, revision::text || ':' || $6) FROM u WHERE revision <> $5",
             )
             .await?;
-        let c = &self.c;
+        let c = self.c()?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
             &meta.revision,
             &meta.compact,
@@ -394,23 +434,31 @@ impl LogWriter for Conn {
     }
 
     async fn rollback(&mut self) {
-        if self.c.batch_execute("ROLLBACK").await.is_err()
-            && let Ok(fresh) = self.pool.get().await
-        {
-            self.c = fresh;
+        let rolled_back = match &self.c {
+            Some(c) => c.batch_execute("ROLLBACK").await.is_ok(),
+            None => true,
+        };
+        if !rolled_back && let Ok(fresh) = self.pool.get().await {
+            self.c = Some(fresh);
+        }
+    }
+
+    async fn idle(&mut self) {
+        if self.release_idle {
+            self.c = None;
         }
     }
 
     async fn savepoint(&mut self) -> Pg<()> {
-        Ok(self.c.batch_execute("SAVEPOINT w").await?)
+        Ok(self.c()?.batch_execute("SAVEPOINT w").await?)
     }
 
     async fn release(&mut self) -> Pg<()> {
-        Ok(self.c.batch_execute("RELEASE SAVEPOINT w").await?)
+        Ok(self.c()?.batch_execute("RELEASE SAVEPOINT w").await?)
     }
 
     async fn rollback_to(&mut self) -> Pg<()> {
-        Ok(self.c.batch_execute("ROLLBACK TO SAVEPOINT w").await?)
+        Ok(self.c()?.batch_execute("ROLLBACK TO SAVEPOINT w").await?)
     }
 
     async fn live(&mut self, key: &[u8]) -> Pg<Option<KeyValue>> {
@@ -547,7 +595,9 @@ impl Dialect for Reads {
         // Nobody waits for the commit of a read: the connection goes back to the pool
         // once it is done, and the answer leaves now.
         tokio::spawn(async move {
-            let _ = c.c.batch_execute("COMMIT").await;
+            if let Ok(c) = c.c() {
+                let _ = c.batch_execute("COMMIT").await;
+            }
         });
         out
     }
@@ -586,6 +636,20 @@ impl Dialect for Reads {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    async fn lease_sweep(&self, limit: i64) -> Pg<(Vec<LeaseId>, NextExpiry)> {
+        let c = self.conn().await?;
+        let expired = "SELECT id FROM kmetal_lease WHERE expires_at <= now() LIMIT $1";
+        let ids = c.all(expired, &[&limit]).await?;
+        // NULL without leases (GREATEST would turn that into 0: clamped below instead).
+        let next = "SELECT extract(epoch FROM min(expires_at) - now())::float8 FROM kmetal_lease";
+        let secs: Option<f64> = c.one(next, &[]).await?.get(0);
+        let next = match secs {
+            None => NextExpiry::NoLeases,
+            Some(s) => NextExpiry::In(Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()),
+        };
+        Ok((ids.iter().map(|r| r.get(0)).collect(), next))
+    }
+
     async fn size(&self) -> Pg<u64> {
         let sql = "SELECT pg_database_size(current_database())::bigint";
         let row = self.conn().await?.one(sql, &[]).await?;
@@ -606,12 +670,25 @@ struct Feed {
     pool: Pool,
     hints: mpsc::UnboundedReceiver<Option<Revision>>,
     listening: watch::Receiver<Option<Arc<Listening>>>,
-    listener: tokio::task::JoinHandle<()>,
+    /// Whether other processes may write (`PgConfig::listen`).
+    remote: bool,
+    /// The listener and the idle-connection closer, ended with the feed.
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
-        self.listener.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Closes the pool's connections unused for `idle`, checking twice per `idle`.
+async fn close_idle(pool: Pool, idle: Duration) {
+    loop {
+        tokio::time::sleep(idle / 2).await;
+        pool.retain(|_, m| m.last_used() < idle);
     }
 }
 
@@ -628,6 +705,10 @@ impl LogFeed for Feed {
             hint = hint.zip(more).map(|(a, b)| a.max(b));
         }
         hint
+    }
+
+    fn remote_writers(&self) -> bool {
+        self.remote
     }
 
     async fn current(&mut self) -> Pg<Revision> {
@@ -775,7 +856,7 @@ impl PgStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()?;
         let conn = Conn::get(&pool).await?;
-        conn.c.batch_execute(schema::CREATE).await?;
+        conn.c()?.batch_execute(schema::CREATE).await?;
         let found: i32 = conn
             .one("SELECT schema_version FROM kmetal_meta WHERE id = 1", &[])
             .await?
@@ -791,16 +872,28 @@ impl PgStore {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         );
-        let listener = tokio::spawn(listen(pg, tls, hints_tx, listening_tx, writer_id.clone()));
+        let mut tasks = Vec::new();
+        if cfg.listen {
+            let listening = listen(pg, tls, hints_tx, listening_tx, writer_id.clone());
+            tasks.push(tokio::spawn(listening).abort_handle());
+        }
+        if let Some(idle) = cfg.idle_timeout {
+            tasks.push(tokio::spawn(close_idle(pool.clone(), idle)).abort_handle());
+        }
         let feed = Feed {
             pool: pool.clone(),
             hints,
             listening,
-            listener,
+            remote: cfg.listen,
+            tasks,
         };
+        let release_idle = cfg.idle_timeout.is_some();
         let conn = Conn {
             analyzer: Some(analyze::Analyzer::new(start)),
             writer_id,
+            release_idle,
+            // A lazy writer takes a connection with its first write.
+            c: if release_idle { None } else { conn.c },
             ..conn
         };
         Ok((Reads { pool }, conn, feed, start, found.into()))

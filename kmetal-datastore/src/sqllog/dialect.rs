@@ -104,6 +104,8 @@ pub(crate) trait LogWriter: LogRead {
     async fn release(&mut self) -> Result<(), Self::Error>;
     /// Undoes what the request since [`savepoint`](Self::savepoint) wrote.
     async fn rollback_to(&mut self) -> Result<(), Self::Error>;
+    /// Nothing is queued after the last batch: a dialect may give its connection back.
+    async fn idle(&mut self) {}
 
     /// The live row of `key`.
     async fn live(&mut self, key: &[u8]) -> Result<Option<KeyValue>, Self::Error>;
@@ -197,8 +199,25 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     async fn leases(&self) -> Result<Vec<LeaseId>, Self::Error>;
     /// Up to `limit` ids of expired leases (the sweeper revokes them).
     async fn expired_leases(&self, limit: i64) -> Result<Vec<LeaseId>, Self::Error>;
+    /// Up to `limit` expired leases and when the next one expires, in one visit to the
+    /// database, for a sweeper that looks only when it must (its log's only writer,
+    /// `LogFeed::remote_writers`).
+    async fn lease_sweep(&self, limit: i64) -> Result<(Vec<LeaseId>, NextExpiry), Self::Error> {
+        Ok((self.expired_leases(limit).await?, NextExpiry::Unknown))
+    }
     /// The database's size in bytes.
     async fn size(&self) -> Result<u64, Self::Error>;
+}
+
+/// When the next lease expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NextExpiry {
+    /// The dialect does not say: sweep on the interval.
+    Unknown,
+    /// There are no leases: nothing expires until one is granted.
+    NoLeases,
+    /// In this long (zero when one is due).
+    In(std::time::Duration),
 }
 
 /// What the watch hub reads: the log's events, and word of other processes' writes.
@@ -213,6 +232,11 @@ pub(crate) trait LogFeed: Send + 'static {
     async fn changed(&mut self) -> Option<Revision>;
     /// The current revision.
     async fn current(&mut self) -> Result<Revision, Self::Error>;
+    /// Whether other processes may write the log: if not, nothing but this store's own
+    /// writer moves the revision and the hub's tick reads nothing.
+    fn remote_writers(&self) -> bool {
+        true
+    }
     /// The events of revisions `after + 1 ..= upto`, in revision order.
     async fn events(
         &mut self,

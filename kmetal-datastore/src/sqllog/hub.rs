@@ -158,8 +158,10 @@ pub(crate) async fn hub<F: LogFeed>(
     dispatched: Dispatched,
 ) {
     let mut watchers: HashMap<u64, Watcher> = HashMap::new();
-    // Up to where every watch has been handed its events.
-    let mut last: Option<Revision> = None;
+    // Up to where every watch has been handed its events. A log only this store writes
+    // starts where its writer does (no read, which a full server could refuse); one that
+    // others write starts at the first revision the hub reads.
+    let mut last: Option<Revision> = (!feed.remote_writers()).then(|| committed.borrow().revision);
     let mut tick = tokio::time::interval(progress.tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut local = true;
@@ -200,6 +202,24 @@ pub(crate) async fn hub<F: LogFeed>(
                 (Some(revision), false)
             }
             Wake::Feed(hint) => (hint, false),
+            // Only this store writes: nothing moved that its writer did not say, so the
+            // tick reads nothing unless a delivery failed behind the writer (retried here),
+            // and owes progress notifications.
+            Wake::Tick if !feed.remote_writers() => {
+                let c = committed.borrow().clone();
+                if last.is_some_and(|l| c.revision > l) {
+                    let revision = c.revision;
+                    written = Some(c);
+                    (Some(revision), false)
+                } else {
+                    if let Some(from) = last
+                        && progress.due()
+                    {
+                        notify_progress(&mut watchers, from);
+                    }
+                    continue;
+                }
+            }
             Wake::Tick => (None, true),
         };
         let now = match hint {
@@ -233,16 +253,20 @@ pub(crate) async fn hub<F: LogFeed>(
             last = Some(now);
             dispatched.set(now);
         } else if idle && progress.due() {
-            // Idle: progress notifications for those who asked, once per interval.
-            watchers.retain(|_, w| {
-                !w.progress
-                    || w.tx.send(Ok(WatchBatch {
-                        revision: from,
-                        events: Vec::new(),
-                    }))
-            });
+            notify_progress(&mut watchers, from);
         }
     }
+}
+
+/// Idle: an empty batch at `from` for the watches that asked for progress notifications.
+fn notify_progress(watchers: &mut HashMap<u64, Watcher>, from: Revision) {
+    watchers.retain(|_, w| {
+        !w.progress
+            || w.tx.send(Ok(WatchBatch {
+                revision: from,
+                events: Vec::new(),
+            }))
+    });
 }
 
 /// Replays history up to what has been dispatched to `w`, which then goes live; `None` when

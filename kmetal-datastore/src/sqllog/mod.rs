@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::dialect::{Dialect, LogFeed, LogWriter, RangeOutcome, fault};
+use self::dialect::{Dialect, LogFeed, LogWriter, NextExpiry, RangeOutcome, fault};
 use self::hub::{Dispatched, HubMsg, ProgressClock, Unregister, Watcher, next_watch_id};
 use self::write::{Done, Job, Op};
 use crate::error::{DatastoreError, Result};
@@ -148,6 +148,8 @@ struct Shared<D> {
     dispatched: Dispatched,
     counts: read::Counts,
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Tells a sweeper that waits for grants (see `sweeper`) that one happened.
+    granted: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl<D> Drop for Shared<D> {
@@ -197,6 +199,7 @@ impl<D: Dialect> SqlLog<D> {
         let (htx, hrx) = mpsc::unbounded_channel();
         let dispatched = Dispatched::default();
         let progress = ProgressClock::new(cfg.progress_interval);
+        let granted = (!feed.remote_writers()).then(|| Arc::new(tokio::sync::Notify::new()));
         tasks.push(
             tokio::spawn(hub::hub(
                 feed,
@@ -207,7 +210,8 @@ impl<D: Dialect> SqlLog<D> {
             ))
             .abort_handle(),
         );
-        tasks.push(tokio::spawn(sweeper(db.clone(), wtx.clone(), cfg.lease_sweep)).abort_handle());
+        let sweeping = sweeper(db.clone(), wtx.clone(), cfg.lease_sweep, granted.clone());
+        tasks.push(tokio::spawn(sweeping).abort_handle());
         let auto = cfg.auto_compact;
         let log = Self {
             shared: Arc::new(Shared {
@@ -218,6 +222,7 @@ impl<D: Dialect> SqlLog<D> {
                 dispatched,
                 counts: read::Counts::default(),
                 tasks,
+                granted,
             }),
         };
         if let Some((every, keep)) = auto {
@@ -260,23 +265,64 @@ async fn send(writer: &mpsc::Sender<Job>, op: Op, deadline: Duration) -> Result<
 
 /// Revokes expired leases every `every`, through the writer (as another process's sweeper
 /// may too: a lease already gone is fine).
-async fn sweeper<D: Dialect>(db: Arc<D>, writer: mpsc::Sender<Job>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Revokes expired leases, looking every `every`; with `granted` (the store is its log's
+/// only writer, so every lease is granted through it) it looks only when the next lease is
+/// due or a new one was granted, so an idle store with no leases touches the database never.
+async fn sweeper<D: Dialect>(
+    db: Arc<D>,
+    writer: mpsc::Sender<Job>,
+    every: Duration,
+    granted: Option<Arc<tokio::sync::Notify>>,
+) {
+    // After a failed look, wait longer each time (up to a minute): stores sharing a full
+    // server must not keep it full by asking again in step.
+    let mut backoff = every;
     loop {
-        tick.tick().await;
-        let Ok(expired) = db.expired_leases(100).await else {
+        let looked = match &granted {
+            None => db
+                .expired_leases(100)
+                .await
+                .map(|e| (e, NextExpiry::Unknown)),
+            Some(_) => db.lease_sweep(100).await,
+        };
+        let next = match looked {
+            Ok((expired, next)) => {
+                backoff = every;
+                for id in expired {
+                    let _ = send(
+                        &writer,
+                        Op::LeaseRevoke(id),
+                        every.max(Duration::from_secs(5)),
+                    )
+                    .await;
+                    if writer.is_closed() {
+                        return;
+                    }
+                }
+                next
+            }
+            Err(_) => {
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                NextExpiry::In(backoff)
+            }
+        };
+        let Some(granted) = &granted else {
+            tokio::time::sleep(every).await;
             continue;
         };
-        for id in expired {
-            let _ = send(
-                &writer,
-                Op::LeaseRevoke(id),
-                every.max(Duration::from_secs(5)),
-            )
-            .await;
-            if writer.is_closed() {
-                return;
+        let wait = match next {
+            NextExpiry::NoLeases => None,
+            NextExpiry::In(d) => Some(d.max(every)),
+            NextExpiry::Unknown => Some(every),
+        };
+        match wait {
+            Some(d) => {
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {}
+                    () = granted.notified() => {}
+                }
             }
+            None => granted.notified().await,
         }
     }
 }
@@ -451,11 +497,16 @@ impl<D: Dialect> Datastore for SqlLog<D> {
         if !(1..=max).contains(&ttl) {
             return Err(DatastoreError::InvalidTtl { ttl, max });
         }
-        self.write(Op::LeaseGrant { ttl, id }, |d| match d {
-            Done::LeaseGrant(g) => Some(g),
-            _ => None,
-        })
-        .await
+        let g = self
+            .write(Op::LeaseGrant { ttl, id }, |d| match d {
+                Done::LeaseGrant(g) => Some(g),
+                _ => None,
+            })
+            .await?;
+        if let Some(n) = &self.shared.granted {
+            n.notify_one();
+        }
+        Ok(g)
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<Revision> {

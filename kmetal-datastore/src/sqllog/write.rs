@@ -184,6 +184,9 @@ pub(crate) async fn write_loop<W: LogWriter>(
                 }
             }
         }
+        if rx.is_empty() {
+            w.idle().await;
+        }
     }
 }
 
