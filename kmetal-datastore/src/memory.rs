@@ -21,7 +21,7 @@ use crate::model::{
     LeaseGrant, LeaseId, LeaseInfo, Limits, PutRequest, PutResponse, RangeRequest, RangeResponse,
     RequestOp, ResponseOp, Revision, Status, TxnRequest, TxnResponse, WatchBatch, WatchRequest,
 };
-use crate::store::{Datastore, Resume, WatchSender, WatchStream, watch_channel};
+use crate::store::{Datastore, WatchSender, WatchStream, reopen, watch_channel};
 
 /// Bytes we count per stored revision on top of key and value, for `db_size` and the quota.
 const ENTRY_OVERHEAD: u64 = 48;
@@ -689,14 +689,8 @@ impl Datastore for MemoryStore {
         let id = s.next_watch;
         s.next_watch += 1;
         let weak = Arc::downgrade(&self.shared);
-        let again = req.clone();
-        let resume: Resume = Box::new(move |from| {
-            let (weak, mut req) = (weak.clone(), again.clone());
-            req.start_revision = from;
-            Box::pin(async move {
-                let shared = weak.upgrade()?;
-                Some(MemoryStore { shared }.watch(req).await)
-            })
+        let resume = reopen(&req, move || {
+            weak.upgrade().map(|shared| MemoryStore { shared })
         });
         let (tx, stream) = watch_channel(
             self.shared.limits.watch_buffer_bytes,

@@ -85,6 +85,24 @@ pub type Resume = Box<
         + Sync,
 >;
 
+/// The [`Resume`] of a fan-out driver: `req` opened again from the missed revision on the
+/// store `store()` gives back (`None` once it is gone, which ends the stream).
+pub(crate) fn reopen<S>(
+    req: &WatchRequest,
+    store: impl Fn() -> Option<S> + Send + Sync + 'static,
+) -> Resume
+where
+    S: Datastore + 'static,
+{
+    let req = req.clone();
+    let store = Arc::new(store);
+    Box::new(move |from| {
+        let (store, mut req) = (store.clone(), req.clone());
+        req.start_revision = from;
+        Box::pin(async move { Some(store()?.watch(req).await) })
+    })
+}
+
 /// A bounded stream of watch batches. Dropping it cancels the watch.
 pub struct WatchStream {
     chan: Arc<Chan>,

@@ -36,7 +36,7 @@ use crate::model::{
     LeaseInfo, Limits, PutRequest, PutResponse, RangeRequest, RangeResponse, Revision, Status,
     TxnRequest, TxnResponse, WatchRequest,
 };
-use crate::store::{Datastore, Resume, WatchStream, watch_channel};
+use crate::store::{Datastore, WatchStream, reopen, watch_channel};
 
 /// What went wrong inside the log itself (the cause of an `Unavailable` or `Backend`).
 #[derive(Debug, thiserror::Error)]
@@ -453,15 +453,7 @@ impl<D: Dialect> Datastore for SqlLog<D> {
         let id = next_watch_id();
         let hub = self.shared.hub.clone();
         let weak = Arc::downgrade(&self.shared);
-        let again = req.clone();
-        let resume: Resume = Box::new(move |from| {
-            let (weak, mut req) = (weak.clone(), again.clone());
-            req.start_revision = from;
-            Box::pin(async move {
-                let shared = weak.upgrade()?;
-                Some(SqlLog { shared }.watch(req).await)
-            })
-        });
+        let resume = reopen(&req, move || weak.upgrade().map(|shared| SqlLog { shared }));
         let (tx, stream) = watch_channel(
             self.shared.cfg.limits.watch_buffer_bytes,
             Unregister { hub, id },
