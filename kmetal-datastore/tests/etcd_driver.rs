@@ -570,6 +570,78 @@ async fn requests_go_on_while_other_tenants_are_provisioned() {
     assert_eq!(seen, written);
 }
 
+/// Eight provisioners set up 40 tenants at once on one etcd (3.4 and 3.6) while roles keep
+/// changing: an auth change between etcd stamping a request and applying it refuses the
+/// request as stale ("revision of auth store is old"), and every provisioning still
+/// completes, each tenant with a lease tag of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_provisioners_all_complete() {
+    for release in [
+        kmetal_testkit::EtcdRelease::default(),
+        kmetal_testkit::EtcdRelease::V36,
+    ] {
+        let cluster = EtcdCluster::start(EtcdOptions {
+            release,
+            ..EtcdOptions::default()
+        })
+        .await
+        .unwrap();
+        let first = shared_provisioner(&cluster).await;
+        let mut provisioners = vec![first];
+        for _ in 1..8 {
+            provisioners.push(shared_provisioner(&cluster).await);
+        }
+        // Roles keep changing, so requests are stamped with an auth revision that moves before
+        // they apply far more often than eight provisioners alone make happen. Paced: etcd
+        // retries a login until no auth change lands during its password check.
+        let root_login = ConnectOptions::new().with_user("root", ROOT_PASSWORD);
+        let mut root = Client::connect(cluster.endpoints(), Some(root_login))
+            .await
+            .unwrap();
+        let churn = tokio::spawn(async move {
+            for i in 0.. {
+                let _ = root.role_add(format!("churn{}", i % 4)).await;
+                let _ = root.role_delete(format!("churn{}", i % 4)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let mut runs = Vec::new();
+        for (p, provisioner) in provisioners.into_iter().enumerate() {
+            runs.push(tokio::spawn(async move {
+                let mut made = Vec::new();
+                for i in 0..5 {
+                    let slice =
+                        TenantSlice::with_password(format!("c{p}x{i}"), format!("u{p}x{i}"), "pw");
+                    let creds = provisioner
+                        .provision(&slice)
+                        .await
+                        .unwrap_or_else(|e| panic!("provisioning c{p}x{i}: {e:?}"));
+                    made.push(creds);
+                }
+                made
+            }));
+        }
+        let mut made = Vec::new();
+        for run in runs {
+            made.extend(run.await.unwrap());
+        }
+        churn.abort();
+        let mut tags = std::collections::BTreeSet::new();
+        {
+            for creds in made {
+                let store = tenant(&creds, None).await;
+                let id = store.lease_grant(60, 0).await.unwrap().id;
+                assert!(
+                    tags.insert(id >> 32),
+                    "lease tag {} handed out twice",
+                    id >> 32
+                );
+            }
+        }
+        assert_eq!(tags.len(), 40);
+    }
+}
+
 /// Two tenants on one real etcd with auth (3.4 and 3.6): each lists only its own leases;
 /// another tenant's lease id, which etcd itself would let it keep alive, attach keys to and
 /// so block its owner's revoke, is a lease that does not exist through the driver; granting

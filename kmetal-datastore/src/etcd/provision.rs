@@ -10,6 +10,14 @@ use crate::error::DatastoreError;
 use crate::model::KeyRange;
 use crate::provision::{ProvisionError, Provisioner, SliceAuth, TenantSlice};
 
+/// How many times an admin call is sent again after a stale-auth refusal: each one means
+/// another auth change landed meanwhile, so this covers provisioners racing.
+const STALE_AUTH_ATTEMPTS: u32 = 16;
+/// The refusal in a row from which the token is renewed before sending again.
+const STALE_AUTH_RENEW: u32 = 4;
+/// The pause before the first resend after a stale-auth refusal; the n-th waits n times this.
+const STALE_AUTH_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Whether the provisioner turns on etcd's auth.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -196,7 +204,10 @@ impl EtcdProvisioner {
             .collect::<Result<Vec<_>, crate::provision::SchemaError>>()
             .map_err(ProvisionError::InvalidSchema)?;
         let step = |step, source| ProvisionError::Step { step, source };
-        let read = super::tenant::compactions(&self.admin, &prefixes);
+        let read = |c: Client| {
+            let prefixes = prefixes.clone();
+            async move { super::tenant::compactions(&c, &prefixes).await }
+        };
         let lowest = match self.deadline(step::READ_COMPACTIONS, read).await? {
             Ok(all) => all.into_iter().min().unwrap_or(0),
             Err(e) => return Err(step(step::READ_COMPACTIONS, admin_error(e))),
@@ -204,11 +215,8 @@ impl EtcdProvisioner {
         if lowest == 0 {
             return Ok(None);
         }
-        let mut c = self.admin.clone();
-        match self
-            .deadline(step::COMPACT, c.compact(lowest, None))
-            .await?
-        {
+        let compact = |mut c: Client| async move { c.compact(lowest, None).await };
+        match self.deadline(step::COMPACT, compact).await? {
             Ok(_) => Ok(Some(lowest)),
             Err(e) if errors::classify(&e) == errors::Kind::Compacted => Ok(None),
             Err(e) => Err(step(step::COMPACT, admin_error(e))),
@@ -224,13 +232,45 @@ impl EtcdProvisioner {
     }
 
     /// Runs an admin call under the request deadline: its answer, or the step failed
-    /// unavailable.
-    async fn deadline<T>(
+    /// unavailable. A call refused for a stale auth revision (another provisioner changed a
+    /// role or user between etcd stamping the request and applying it, so nothing was
+    /// applied) is sent again, with a renewed token once refusals go on, as etcd's own client
+    /// does.
+    async fn deadline<T, F, Fut>(
         &self,
         step: &'static str,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<Result<T, etcd_client::Error>, ProvisionError> {
-        tokio::time::timeout(self.config.request_timeout, fut)
+        mut call: F,
+    ) -> Result<Result<T, etcd_client::Error>, ProvisionError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let retried = async {
+            let mut stale = 0;
+            loop {
+                match call(self.admin.clone()).await {
+                    Err(e)
+                        if errors::classify(&e) == errors::Kind::StaleAuth
+                            && stale < STALE_AUTH_ATTEMPTS =>
+                    {
+                        stale += 1;
+                        // A simple token is stamped with the auth revision when etcd receives
+                        // the request, so sending it again is enough, after a pause that grows
+                        // with each refusal to get out of a burst of auth changes. A JWT carries
+                        // the revision it was issued at, so refusals that go on renew it; not
+                        // sooner, as a login is itself retried by etcd until no auth change
+                        // lands during its password check. A failed renewal shows up as the
+                        // next attempt's error.
+                        tokio::time::sleep(STALE_AUTH_PAUSE * stale).await;
+                        if stale >= STALE_AUTH_RENEW {
+                            let _ = self.admin.clone().refresh_token().await;
+                        }
+                    }
+                    r => return r,
+                }
+            }
+        };
+        tokio::time::timeout(self.config.request_timeout, retried)
             .await
             .map_err(|_| ProvisionError::Step {
                 step,
@@ -243,13 +283,17 @@ impl EtcdProvisioner {
 
     /// Runs an admin call under the request deadline; `tolerated` names the server message
     /// that means "already done".
-    async fn admin<T>(
+    async fn admin<T, F, Fut>(
         &self,
         step: &'static str,
         tolerated: Option<&str>,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<(), ProvisionError> {
-        match self.deadline(step, fut).await? {
+        call: F,
+    ) -> Result<(), ProvisionError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match self.deadline(step, call).await? {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::GRpcStatus(s))
                 if tolerated.is_some_and(|t| s.message().contains(t)) =>
@@ -306,31 +350,29 @@ impl Provisioner for EtcdProvisioner {
         slice.check()?;
         let keyspace = self.keyspace(slice)?;
         let range = keyspace.owned_range();
-        let mut c = self.admin.clone();
-        let role = slice.user.clone();
+        let role = slice.user.as_str();
+        let user = slice.user.as_str();
         self.admin(
             step::ADD_ROLE,
             Some("role name already exists"),
-            c.role_add(role.clone()),
+            |mut c| async move { c.role_add(role).await },
         )
         .await?;
-        let mut c = self.admin.clone();
         let perm =
             Permission::read_write(range.key.to_vec()).with_range_end(range.range_end.to_vec());
-        self.admin(
-            step::GRANT,
-            None,
-            c.role_grant_permission(role.clone(), perm),
-        )
+        self.admin(step::GRANT, None, |mut c| {
+            let perm = perm.clone();
+            async move { c.role_grant_permission(role, perm).await }
+        })
         .await?;
         if !self.dedicated {
             // The tenant's own lease ids (`leases.rs`): its tag, readable by it alone.
             let prefix = keyspace.prefix();
+            let prefix = &prefix[..];
             let tag = self
-                .deadline(
-                    step::LEASE_TAG,
-                    super::leases::allocate(&self.admin, &prefix),
-                )
+                .deadline(step::LEASE_TAG, |c| async move {
+                    super::leases::allocate(&c, prefix).await
+                })
                 .await?;
             if let Err(e) = tag {
                 return Err(ProvisionError::Step {
@@ -338,13 +380,11 @@ impl Provisioner for EtcdProvisioner {
                     source: admin_error(e),
                 });
             }
-            let mut c = self.admin.clone();
-            let read = Permission::read(super::leases::tag_key(&prefix));
-            self.admin(
-                step::GRANT,
-                None,
-                c.role_grant_permission(role.clone(), read),
-            )
+            let read = Permission::read(super::leases::tag_key(prefix));
+            self.admin(step::GRANT, None, |mut c| {
+                let read = read.clone();
+                async move { c.role_grant_permission(role, read).await }
+            })
             .await?;
         }
         let (password, options) = match &slice.auth {
@@ -352,33 +392,24 @@ impl Provisioner for EtcdProvisioner {
             // A certificate user has no password anyone could guess.
             SliceAuth::ClientCertificate => (None, Some(UserAddOptions::new().with_no_pwd())),
         };
-        let mut c = self.admin.clone();
-        self.admin(
-            step::ADD_USER,
-            Some("user name already exists"),
-            c.user_add(
-                slice.user.clone(),
-                password.clone().unwrap_or_default(),
-                options,
-            ),
-        )
+        let initial = password.clone().unwrap_or_default();
+        self.admin(step::ADD_USER, Some("user name already exists"), |mut c| {
+            let (initial, options) = (initial.clone(), options.clone());
+            async move { c.user_add(user, initial, options).await }
+        })
         .await?;
-        if let Some(p) = &password {
+        if let Some(p) = password.as_deref() {
             // Re-provisioning sets the password of this call, so the credentials returned
             // always work.
-            let mut c = self.admin.clone();
-            self.admin(
-                step::PASSWORD,
-                None,
-                c.user_change_password(slice.user.clone(), p.clone()),
-            )
+            self.admin(step::PASSWORD, None, |mut c| async move {
+                c.user_change_password(user, p).await
+            })
             .await?;
         }
-        let mut c = self.admin.clone();
         self.admin(
             step::BIND,
             Some("role is already granted"),
-            c.user_grant_role(slice.user.clone(), role),
+            |mut c| async move { c.user_grant_role(user, role).await },
         )
         .await?;
         Ok(EtcdCredentials {
@@ -393,33 +424,32 @@ impl Provisioner for EtcdProvisioner {
     async fn deprovision(&self, slice: &TenantSlice) -> Result<(), ProvisionError> {
         slice.check()?;
         let range: KeyRange = self.keyspace(slice)?.owned_range();
-        let mut c = self.admin.clone();
-        let opts = etcd_client::DeleteOptions::new().with_range(range.range_end.to_vec());
-        self.admin(
-            step::DELETE_KEYS,
-            None,
-            c.delete(range.key.to_vec(), Some(opts)),
-        )
+        let user = slice.user.as_str();
+        self.admin(step::DELETE_KEYS, None, |mut c| {
+            let opts = etcd_client::DeleteOptions::new().with_range(range.range_end.to_vec());
+            let key = range.key.to_vec();
+            async move { c.delete(key, Some(opts)).await }
+        })
         .await?;
         if !self.dedicated {
             // The tag is never handed out again (the counter only grows).
-            let mut c = self.admin.clone();
             let key = super::leases::tag_key(&self.keyspace(slice)?.prefix());
-            self.admin(step::DELETE_KEYS, None, c.delete(key, None))
-                .await?;
+            self.admin(step::DELETE_KEYS, None, |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
         }
-        let mut c = self.admin.clone();
         self.admin(
             step::DELETE_USER,
             Some("user name not found"),
-            c.user_delete(slice.user.clone()),
+            |mut c| async move { c.user_delete(user).await },
         )
         .await?;
-        let mut c = self.admin.clone();
         self.admin(
             step::DELETE_ROLE,
             Some("role name not found"),
-            c.role_delete(slice.user.clone()),
+            |mut c| async move { c.role_delete(user).await },
         )
         .await?;
         Ok(())
