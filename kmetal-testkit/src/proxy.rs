@@ -204,6 +204,13 @@ async fn connection(client: TcpStream, shared: Arc<Shared>) {
     tokio::spawn(pump(sr, cw, shared, Direction::Down));
 }
 
+/// Sleeps until `due`, or not at all when it has passed (or is `None`).
+async fn wait_until(due: Option<Instant>) {
+    if let Some(due) = due.filter(|d| *d > Instant::now()) {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 fn abort(stream: &TcpStream) {
     // SO_LINGER 0 makes the close an RST instead of a FIN.
     let _ = stream.set_zero_linger();
@@ -244,7 +251,9 @@ async fn pump(
                     Err(_) => break,
                 }
             }
-            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if deliver => {
+            // A chunk already due goes at once: tokio's timer rounds a deadline up to its next
+            // millisecond, which would add up to 1 ms each way to a link with no latency set.
+            _ = wait_until(due), if deliver => {
                 match queue.pop_front() {
                     Some((_, Item::Data(d))) => {
                         if to.write_all(&d).await.is_err() { break; }
