@@ -31,6 +31,22 @@ fn config(c: &EtcdCluster, identity: Option<Pem>) -> EtcdConfig {
     cfg
 }
 
+/// The etcd releases the lease and provisioning walls are checked on.
+const RELEASES: [kmetal_testkit::EtcdRelease; 2] = [
+    kmetal_testkit::EtcdRelease::Debian34,
+    kmetal_testkit::EtcdRelease::V36,
+];
+
+/// A one-member cluster of `release`.
+async fn cluster_of(release: kmetal_testkit::EtcdRelease) -> EtcdCluster {
+    EtcdCluster::start(EtcdOptions {
+        release,
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
 async fn shared_provisioner(c: &EtcdCluster) -> EtcdProvisioner {
     let root = c.client_cert("root").unwrap();
     let admin = config(c, root);
@@ -576,19 +592,10 @@ async fn requests_go_on_while_other_tenants_are_provisioned() {
 /// completes, each tenant with a lease tag of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_provisioners_all_complete() {
-    for release in [
-        kmetal_testkit::EtcdRelease::default(),
-        kmetal_testkit::EtcdRelease::V36,
-    ] {
-        let cluster = EtcdCluster::start(EtcdOptions {
-            release,
-            ..EtcdOptions::default()
-        })
-        .await
-        .unwrap();
-        let first = shared_provisioner(&cluster).await;
-        let mut provisioners = vec![first];
-        for _ in 1..8 {
+    for release in RELEASES {
+        let cluster = cluster_of(release).await;
+        let mut provisioners = Vec::new();
+        for _ in 0..8 {
             provisioners.push(shared_provisioner(&cluster).await);
         }
         // Roles keep changing, so requests are stamped with an auth revision that moves before
@@ -627,16 +634,14 @@ async fn concurrent_provisioners_all_complete() {
         }
         churn.abort();
         let mut tags = std::collections::BTreeSet::new();
-        {
-            for creds in made {
-                let store = tenant(&creds, None).await;
-                let id = store.lease_grant(60, 0).await.unwrap().id;
-                assert!(
-                    tags.insert(id >> 32),
-                    "lease tag {} handed out twice",
-                    id >> 32
-                );
-            }
+        for creds in made {
+            let store = tenant(&creds, None).await;
+            let id = store.lease_grant(60, 0).await.unwrap().id;
+            assert!(
+                tags.insert(id >> 32),
+                "lease tag {} handed out twice",
+                id >> 32
+            );
         }
         assert_eq!(tags.len(), 40);
     }
@@ -648,16 +653,8 @@ async fn concurrent_provisioners_all_complete() {
 /// one is refused; the owner's revoke still deletes its keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_tenants_own_their_leases() {
-    for release in [
-        kmetal_testkit::EtcdRelease::default(),
-        kmetal_testkit::EtcdRelease::V36,
-    ] {
-        let cluster = EtcdCluster::start(EtcdOptions {
-            release,
-            ..EtcdOptions::default()
-        })
-        .await
-        .unwrap();
+    for release in RELEASES {
+        let cluster = cluster_of(release).await;
         let p = shared_provisioner(&cluster).await;
         let a = p
             .provision(&TenantSlice::with_password("la", "user-la", "pw-a"))
